@@ -1,0 +1,44 @@
+"""The ``adai-lightning`` console script: a LightningCLI that knows Adai and AdaiW by their short names.
+
+``adai-lightning fit --config recipes/default.yaml --optimizer Adai --optimizer.lr 0.5`` works as in any
+LightningCLI (``fit``, ``validate``, ``test``, ``predict``), with omegaconf interpolation in configs.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from lightning.pytorch.cli import LightningCLI
+
+import adai_lightning  # noqa: F401  (registers Adai and AdaiW as torch optimizers for the parser)
+
+#: Short optimizer names that resolve to this package even when another imported package
+#: (pytorch-optimizer, say) exports a class of the same name.
+SHORT_NAMES = {"Adai": "adai_lightning.Adai", "AdaiW": "adai_lightning.AdaiW"}
+
+
+def qualify_optimizer_names(args: Sequence[str]) -> list[str]:
+    """Rewrite ``--optimizer Adai`` and ``--optimizer=Adai`` to the full class path of ours."""
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg == "--optimizer" and i + 1 < len(out) and out[i + 1] in SHORT_NAMES:
+            out[i + 1] = SHORT_NAMES[out[i + 1]]
+        elif arg.startswith("--optimizer=") and arg.split("=", 1)[1] in SHORT_NAMES:
+            out[i] = "--optimizer=" + SHORT_NAMES[arg.split("=", 1)[1]]
+    return out
+
+
+class AdaiCLI(LightningCLI):
+    """LightningCLI with omegaconf interpolation on and a config saved per run (overwriting allowed)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        parser_kwargs = kwargs.pop("parser_kwargs", None) or {}
+        parser_kwargs.setdefault("parser_mode", "omegaconf")
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Entry point of the ``adai-lightning`` console script."""
+    AdaiCLI(args=qualify_optimizer_names(sys.argv[1:] if args is None else args))

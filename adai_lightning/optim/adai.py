@@ -1,0 +1,307 @@
+"""The Adai optimizer (Adaptive Inertia; Xie et al., ICML 2022) and AdaiW, its decoupled-decay form."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from adai_lightning.optim import _functional as F
+
+_STATE_TENSORS = ("exp_avg", "exp_avg_sq", "beta1_prod")
+_FOREACH_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def state_dtype(param: Tensor) -> torch.dtype:
+    """Precision of Adai's state for ``param``: float32 for 16-bit parameters, else the parameter's own."""
+    return torch.float32 if param.dtype in (torch.float16, torch.bfloat16) else param.dtype
+
+
+def _check_range(name: str, value: float, low: float, high: float, low_open: bool, high_open: bool) -> None:
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    if not (above and below):  # also rejects NaN
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"Invalid {name}: {value!r}; it must lie in {interval}")
+
+
+def validate_hyperparameters(lr: float, betas: tuple[float, float], eps: float, weight_decay: float, dampening: float) -> None:
+    """Raise a ValueError that names the argument, its value and the valid range."""
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"Invalid betas: {betas!r}; it must be a pair (beta0, beta2)")
+    inf = float("inf")
+    _check_range("lr", lr, 0.0, inf, low_open=False, high_open=True)
+    _check_range("beta0 (betas[0])", betas[0], 0.0, 1.0, low_open=True, high_open=False)
+    _check_range("beta2 (betas[1])", betas[1], 0.0, 1.0, low_open=False, high_open=True)
+    _check_range("eps", eps, 0.0, 1.0, low_open=True, high_open=True)
+    _check_range("weight_decay", weight_decay, 0.0, inf, low_open=False, high_open=True)
+    _check_range("dampening", dampening, 0.0, 1.0, low_open=False, high_open=False)
+
+
+class Inertia(NamedTuple):
+    """One parameter's adaptive inertia at the last step: ``ratio = vhat / vbar`` and ``beta1``."""
+
+    param: Tensor
+    ratio: Tensor
+    beta1: Tensor
+
+
+@dataclass
+class _GroupWork:
+    """The tensors of one param group that take part in this step."""
+
+    hyper: F.AdaiHyper
+    params: list[Tensor]
+    grads: list[Tensor]
+    exp_avgs: list[Tensor]
+    exp_avg_sqs: list[Tensor]
+    beta1_prods: list[Tensor]
+    steps: list[int]
+    foreach: bool
+
+    def buckets(self) -> Iterator[tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[int]]]:
+        """Sublists of one device and dtype each (what the foreach kernels need); one list otherwise."""
+        lists = [self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.beta1_prods]
+        if not self.foreach:
+            yield (*lists, self.steps)
+            return
+        grouped = Optimizer._group_tensors_by_device_and_dtype(lists, with_indices=True)
+        for bucket, indices in grouped.values():
+            yield (*bucket, [self.steps[i] for i in indices])
+
+
+class Adai(Optimizer):
+    r"""Adaptive Inertia: SGD with a per-element momentum chosen from the gradient's second moment.
+
+    One step, for every parameter ``p`` with a gradient ``g`` (``d`` = ``dampening``)::
+
+        v     = beta2 * v + (1 - beta2) * g**2;      vhat = v / (1 - beta2**step)
+        vbar  = mean of vhat over EVERY element of every parameter with a gradient, all groups
+        beta1 = clip(1 - beta0 * (vhat / vbar)**(1 / (3 - 2d)), 0, 1 - eps)
+        P     = P * beta1;   m = beta1 * m + (1 - beta1)**d * g
+        p     = p - lr * beta0**(1 - d) * m / (1 - P)
+
+    With ``d = 1`` (the default) this is the paper's Adai: an element whose ``vhat`` equals the
+    mean gets inertia 0.9, noisier or steeper elements less, flat ones up to ``1 - eps``.
+    Unlike Adam there is no division by ``sqrt(v)``: the learning rate is SGD's (the paper uses
+    ``lr = 1.0`` or ``0.5`` where momentum SGD uses 0.1).
+
+    Args:
+        params: parameters or param-group dicts.
+        lr: learning rate, ``>= 0``.
+        betas: ``(beta0, beta2)``; ``beta0`` in ``(0, 1]`` scales the inertia, ``beta2`` in
+            ``[0, 1)`` is the second-moment EMA coefficient.
+        eps: inertia bound, in ``(0, 1)``: beta1 never exceeds ``1 - eps``.
+        weight_decay: decay coefficient, ``>= 0``.
+        decoupled: apply the decay as ``p *= 1 - lr * wd`` (AdaiW) instead of adding ``wd * p``
+            to the gradient (L2, which then enters ``v`` and ``m``).
+        dampening: ``d`` in ``[0, 1]``; ``d != 1`` is the AdaiV2 generalisation.
+        maximize: ascend instead of descend.
+        foreach: use the multi-tensor ``torch._foreach_*`` path; ``None`` picks it whenever every
+            parameter is a plain tensor.
+
+    State per parameter (keys as in the authors' reference implementation, whose checkpoints load):
+    ``step`` (int), ``exp_avg`` (m), ``exp_avg_sq`` (v), ``beta1_prod`` (P, per element). The three
+    tensors are kept in float32 for float16/bfloat16 parameters and in the parameter's dtype
+    otherwise; sums behind ``vbar`` accumulate in float32 (float64 when any state is float64).
+
+    Edge cases: a step in which no parameter has a gradient changes nothing; when every ``vhat`` is 0
+    (all gradients zero so far) the ratio ``vhat / vbar`` is taken as 0, so beta1 is ``1 - eps`` and
+    nothing becomes NaN. Sparse gradients and complex parameters raise ``ValueError``.
+
+    ``step()`` never synchronises with the host: ``vbar`` stays a device tensor. It is kept as
+    :attr:`last_vbar` after each step, which makes :meth:`inertia` (beta1 of every parameter at the
+    last step, for monitoring callbacks) cost nothing unless somebody calls it.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1.0,
+        betas: tuple[float, float] = (0.1, 0.99),
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        decoupled: bool = False,
+        dampening: float = 1.0,
+        maximize: bool = False,
+        foreach: bool | None = None,
+    ) -> None:
+        validate_hyperparameters(lr, betas, eps, weight_decay, dampening)
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            decoupled=decoupled,
+            dampening=dampening,
+            maximize=maximize,
+            foreach=foreach,
+        )
+        super().__init__(params, defaults)
+        self.last_vbar: Tensor | None = None
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group after checking its hyperparameters and that its parameters are real floats."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        validate_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], group["dampening"])
+        for param in group["params"]:
+            if param.is_complex():
+                raise ValueError(
+                    "Adai does not support complex parameters: vhat / vbar has no ordering over complex "
+                    "numbers; optimise torch.view_as_real(param) instead"
+                )
+            if not param.is_floating_point():
+                raise ValueError(f"Adai needs floating-point parameters, got one of dtype {param.dtype}")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("last_vbar", None)
+        for group in self.param_groups:
+            for key in ("decoupled", "maximize"):
+                group.setdefault(key, False)
+            group.setdefault("dampening", 1.0)
+            group.setdefault("foreach", None)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state, keeping it in Adai's own precision (torch would cast it to the parameter's dtype)."""
+        super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for saved_id, param in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if saved is None:
+                continue
+            state = self.state[param]
+            state["step"] = int(saved["step"])
+            for key in _STATE_TENSORS:
+                state[key] = saved[key].to(device=param.device, dtype=state_dtype(param), copy=True)
+        self.last_vbar = None
+
+    def _init_state(self, param: Tensor) -> dict[str, Any]:
+        state = self.state[param]
+        if not state:
+            dtype = state_dtype(param)
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+            state["beta1_prod"] = torch.ones_like(param, dtype=dtype, memory_format=torch.preserve_format)
+        return state
+
+    @staticmethod
+    def _hyper(group: dict[str, Any]) -> F.AdaiHyper:
+        beta0, beta2 = group["betas"]
+        return F.AdaiHyper(
+            lr=float(group["lr"]),
+            beta0=beta0,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            decoupled=group["decoupled"],
+            dampening=group["dampening"],
+            maximize=group["maximize"],
+        )
+
+    def _gather(self, group: dict[str, Any]) -> _GroupWork:
+        """Collect the group's parameters that have a gradient, create their state, count the step."""
+        work = _GroupWork(self._hyper(group), [], [], [], [], [], [], foreach=False)
+        for param in group["params"]:
+            if param.grad is None:
+                continue
+            if param.grad.is_sparse:
+                raise ValueError("Adai does not support sparse gradients; use dense gradients (e.g. sparse=False)")
+            state = self._init_state(param)
+            state["step"] += 1
+            work.params.append(param)
+            work.grads.append(param.grad)
+            work.exp_avgs.append(state["exp_avg"])
+            work.exp_avg_sqs.append(state["exp_avg_sq"])
+            work.beta1_prods.append(state["beta1_prod"])
+            work.steps.append(state["step"])
+        foreach = group["foreach"]
+        if foreach is None:
+            foreach = all(type(p) in _FOREACH_TYPES for p in work.params)
+        work.foreach = foreach
+        return work
+
+    def _global_mean(self, total: Tensor, count: int) -> Tensor:
+        """``vbar`` from the local sum of vhat and the local element count.
+
+        The seam for sharded training, where each rank holds only part of the model.
+        """
+        return F.safe_mean(total, count)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one Adai step; calls ``closure`` (with gradients enabled) first and returns its loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        works = [work for work in map(self._gather, self.param_groups) if work.params]
+        if not works:
+            return loss
+
+        sums = []
+        for work in works:
+            second_moment = F.second_moment_foreach if work.foreach else F.second_moment_single_tensor
+            for params, grads, _, exp_avg_sqs, _, steps in work.buckets():
+                sums.append(second_moment(params, grads, exp_avg_sqs, steps, work.hyper))
+        acc_dtype = torch.float64 if any(s.dtype == torch.float64 for s in sums) else torch.float32
+        total = torch.stack([s.to(device=sums[0].device, dtype=acc_dtype) for s in sums]).sum()
+        count = sum(p.numel() for work in works for p in work.params)
+        vbar = self._global_mean(total, count)
+        self.last_vbar = vbar
+
+        for work in works:
+            update = F.inertia_update_foreach if work.foreach else F.inertia_update_single_tensor
+            for params, grads, exp_avgs, exp_avg_sqs, beta1_prods, steps in work.buckets():
+                update(params, grads, exp_avgs, exp_avg_sqs, beta1_prods, steps, vbar.to(exp_avgs[0].device), work.hyper)
+        return loss
+
+    @torch.no_grad()
+    def inertia(self) -> Iterator[Inertia]:
+        """Yield ``(param, vhat / vbar, beta1)`` for every parameter with state, as of the last step.
+
+        Computed on demand from the state and :attr:`last_vbar`, so monitoring costs nothing when
+        unused. A parameter that had no gradient in the last step reports the inertia its own last
+        ``vhat`` would get with the last step's ``vbar``. Yields nothing before the first step.
+        """
+        if self.last_vbar is None:
+            return
+        for group in self.param_groups:
+            hyper = self._hyper(group)
+            for param in group["params"]:
+                state = self.state.get(param)
+                if not state:
+                    continue
+                vhat = state["exp_avg_sq"] / (1.0 - hyper.beta2 ** state["step"])
+                ratio = vhat / self.last_vbar.to(device=vhat.device, dtype=vhat.dtype)
+                yield Inertia(param, ratio, F.inertia_from_ratio(ratio.clone(), hyper))
+
+
+class AdaiW(Adai):
+    """Adai with decoupled weight decay (``p *= 1 - lr * wd``), the paper's AdaiW.
+
+    Identical to ``Adai(..., decoupled=True)``; its own class so that ``--optimizer AdaiW`` works.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1.0,
+        betas: tuple[float, float] = (0.1, 0.99),
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        decoupled: bool = True,
+        dampening: float = 1.0,
+        maximize: bool = False,
+        foreach: bool | None = None,
+    ) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, decoupled, dampening, maximize, foreach)
