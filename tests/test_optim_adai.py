@@ -1,0 +1,316 @@
+"""The Adai optimizers against the float64 oracle, their edge cases, state and argument checks."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+from adai_lightning import Adai, AdaiW
+from adai_oracle import OracleAdai
+
+SHAPES = [(4, 3), (5,), (2, 3)]
+CONFIGS = {
+    "defaults": dict(),
+    "l2": dict(weight_decay=0.05),
+    "decoupled": dict(weight_decay=0.05, decoupled=True),
+    "custom_betas_eps": dict(betas=(0.2, 0.9), eps=0.05),
+    "dampening_half": dict(dampening=0.5, weight_decay=0.01),
+    "maximize": dict(maximize=True, weight_decay=0.01),
+}
+
+
+def _grad(step: int, index: int, param: torch.Tensor) -> torch.Tensor | None:
+    """A deterministic gradient: noise plus a pull towards 0, with parameter 1 skipped every third step."""
+    if index == 1 and step % 3 == 0:
+        return None
+    noise = torch.randn(param.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1000 * step + index))
+    return (noise * (index + 1) + param.detach().double()).to(param.dtype)
+
+
+def _run_pair(config: dict, dtype: torch.dtype, foreach: bool, steps: int) -> tuple[list, list]:
+    init = [torch.randn(s, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(SHAPES)]
+    ref = [p.clone() for p in init]
+    ours = [p.to(dtype, copy=True).requires_grad_() for p in init]
+    groups = lambda ps: [{"params": ps[:2]}, {"params": ps[2:], "lr": 0.3}]  # noqa: E731
+    opt = Adai(groups(ours), lr=0.5, foreach=foreach, **config)
+    oracle = OracleAdai(groups(ref), lr=0.5, **config)
+    for step in range(steps):
+        for i, (p, q) in enumerate(zip(ours, ref)):
+            p.grad = _grad(step, i, p)
+            q.grad = _grad(step, i, q)
+        opt.step()
+        oracle.step()
+    return ours, ref
+
+
+def _max_rel_dev(ours: list, ref: list) -> float:
+    return max(((a.detach().double() - b).abs().max() / b.abs().max()).item() for a, b in zip(ours, ref))
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_float64_matches_oracle(name: str, foreach: bool) -> None:
+    ours, ref = _run_pair(CONFIGS[name], torch.float64, foreach, steps=120)
+    assert _max_rel_dev(ours, ref) <= 1e-9
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+@pytest.mark.parametrize("name", ["defaults", "decoupled", "dampening_half"])
+def test_float32_matches_oracle(name: str, foreach: bool) -> None:
+    ours, ref = _run_pair(CONFIGS[name], torch.float32, foreach, steps=100)
+    assert _max_rel_dev(ours, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_is_finite_and_close(dtype: torch.dtype, foreach: bool) -> None:
+    ours, ref = _run_pair(CONFIGS["l2"], dtype, foreach, steps=30)
+    assert all(torch.isfinite(p).all() for p in ours)
+    assert _max_rel_dev(ours, ref) <= 3e-2
+
+
+def test_half_precision_state_is_float32_and_survives_a_checkpoint() -> None:
+    param = torch.nn.Parameter(torch.randn(8, dtype=torch.bfloat16))
+    opt = Adai([param])
+    param.grad = torch.randn(8, dtype=torch.bfloat16)
+    opt.step()
+    state = opt.state[param]
+    assert {state[k].dtype for k in ("exp_avg", "exp_avg_sq", "beta1_prod")} == {torch.float32}
+    fresh = Adai([param])
+    fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for key in ("exp_avg", "exp_avg_sq", "beta1_prod"):
+        assert fresh.state[param][key].dtype == torch.float32
+        assert torch.equal(fresh.state[param][key], state[key])
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+def test_paths_agree_on_a_real_model(foreach: bool) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
+    twin = copy.deepcopy(model)
+    a, b = Adai(model.parameters(), foreach=foreach), Adai(twin.parameters(), foreach=not foreach)
+    x = torch.randn(32, 6, dtype=torch.float64)
+    for _ in range(20):
+        for net, opt in ((model, a), (twin, b)):
+            opt.zero_grad()
+            net(x).pow(2).mean().backward()
+            opt.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_adaiw_is_adai_with_decoupled_decay() -> None:
+    ours, ref = [torch.nn.Parameter(torch.ones(3)) for _ in range(2)]
+    a, b = AdaiW([ours], weight_decay=0.1), Adai([ref], weight_decay=0.1, decoupled=True)
+    for step in range(5):
+        ours.grad = ref.grad = torch.full((3,), float(step))
+        a.step()
+        b.step()
+    assert torch.equal(ours, ref)
+    assert a.defaults["decoupled"] is True
+
+
+def test_step_without_any_gradient_changes_nothing() -> None:
+    param = torch.nn.Parameter(torch.randn(4))
+    before = param.detach().clone()
+    opt = Adai([param])
+    assert opt.step() is None
+    assert torch.equal(param, before)
+    assert len(opt.state) == 0
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+def test_all_zero_gradients_give_no_nan(foreach: bool) -> None:
+    params = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2, 2))]
+    before = [p.detach().clone() for p in params]
+    opt = Adai(params, foreach=foreach)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
+    for state in opt.state.values():
+        assert all(torch.isfinite(state[k]).all() for k in ("exp_avg", "exp_avg_sq", "beta1_prod"))
+    beta1 = torch.cat([i.beta1.flatten() for i in opt.inertia()])
+    assert torch.allclose(beta1, torch.full_like(beta1, 1 - 1e-3))
+
+
+def test_sparse_gradients_are_rejected() -> None:
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = Adai(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(ValueError, match="sparse gradients"):
+        opt.step()
+
+
+def test_complex_parameters_are_rejected() -> None:
+    with pytest.raises(ValueError, match="complex parameters"):
+        Adai([torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(lr=-0.1), r"lr: -0.1; it must lie in \[0, inf\)"),
+        (dict(lr=float("nan")), "Invalid lr"),
+        (dict(betas=(0.0, 0.99)), r"beta0 \(betas\[0\]\): 0.0; it must lie in \(0, 1\]"),
+        (dict(betas=(1.5, 0.99)), r"beta0 \(betas\[0\]\): 1.5"),
+        (dict(betas=(0.1, 1.0)), r"beta2 \(betas\[1\]\): 1.0; it must lie in \[0, 1\)"),
+        (dict(betas=(0.1,)), "must be a pair"),
+        (dict(eps=0.0), r"eps: 0.0; it must lie in \(0, 1\)"),
+        (dict(eps=1.0), "Invalid eps"),
+        (dict(weight_decay=-1e-4), r"weight_decay: -0.0001; it must lie in \[0, inf\)"),
+        (dict(dampening=1.5), r"dampening: 1.5; it must lie in \[0, 1\]"),
+    ],
+)
+def test_invalid_arguments_name_the_argument_and_range(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Adai([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+
+
+def test_invalid_param_group_options_are_rejected() -> None:
+    opt = Adai([torch.nn.Parameter(torch.zeros(1))])
+    with pytest.raises(ValueError, match="Invalid eps"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))], "eps": 2.0})
+
+
+def test_closure_is_called_with_grad_enabled_and_its_loss_returned() -> None:
+    param = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = Adai([param])
+
+    def closure() -> torch.Tensor:
+        assert torch.is_grad_enabled()
+        opt.zero_grad()
+        loss = (param**2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert loss.item() == 5.0
+    assert not torch.equal(param.detach(), torch.tensor([1.0, -2.0]))
+
+
+def _train(opt_params: list, opt: Adai, steps: range) -> None:
+    for step in steps:
+        for i, p in enumerate(opt_params):
+            p.grad = _grad(step, i, p)
+        opt.step()
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
+def test_state_dict_round_trip_resumes_bitwise(foreach: bool) -> None:
+    make = lambda: [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(SHAPES)]  # noqa: E731
+    straight = make()
+    opt = Adai(straight, foreach=foreach, weight_decay=1e-2)
+    _train(straight, opt, range(40))
+
+    resumed = make()
+    first = Adai(resumed, foreach=foreach, weight_decay=1e-2)
+    _train(resumed, first, range(20))
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach().clone() for p in resumed], "optim": first.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer)
+    restored = [torch.nn.Parameter(p) for p in checkpoint["params"]]
+    second = Adai(restored, foreach=foreach, weight_decay=1e-2)
+    second.load_state_dict(checkpoint["optim"])
+    _train(restored, second, range(20, 40))
+    for a, b in zip(straight, restored):
+        assert torch.equal(a, b)
+
+
+def test_state_keys_match_the_reference_implementation() -> None:
+    param = torch.nn.Parameter(torch.randn(3))
+    opt = Adai([param])
+    param.grad = torch.ones(3)
+    opt.step()
+    state = opt.state_dict()["state"][0]
+    assert set(state) == {"step", "exp_avg", "exp_avg_sq", "beta1_prod"}
+    assert state["step"] == 1 and isinstance(state["step"], int)
+
+
+def test_reference_style_checkpoint_with_tensor_step_loads() -> None:
+    param = torch.nn.Parameter(torch.randn(3))
+    opt = Adai([param])
+    param.grad = torch.ones(3)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    saved["state"][0]["step"] = torch.tensor(1.0)
+    fresh = Adai([param])
+    fresh.load_state_dict(saved)
+    assert fresh.state[param]["step"] == 1 and isinstance(fresh.state[param]["step"], int)
+
+
+def test_lr_scheduler_changes_reach_the_update() -> None:
+    ours = [torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in SHAPES]
+    ref = [p.detach().clone() for p in ours]
+    opt = Adai(ours, lr=1.0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    oracle = OracleAdai([{"params": ref}], lr=1.0)
+    for step in range(8):
+        for i, (p, q) in enumerate(zip(ours, ref)):
+            p.grad, q.grad = _grad(step, i, p), _grad(step, i, q)
+        oracle.groups[0]["lr"] = opt.param_groups[0]["lr"]
+        opt.step()
+        oracle.step()
+        sched.step()
+    assert _max_rel_dev(ours, ref) <= 1e-12
+
+
+@pytest.mark.parametrize(
+    "make_scheduler",
+    [
+        lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=5),
+        lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1.0, total_steps=10, cycle_momentum=False),
+        lambda o: torch.optim.lr_scheduler.SequentialLR(
+            o, [torch.optim.lr_scheduler.LinearLR(o, 0.1, total_iters=2), torch.optim.lr_scheduler.ExponentialLR(o, 0.9)],
+            milestones=[2]),
+        lambda o: torch.optim.lr_scheduler.ReduceLROnPlateau(o, patience=0),
+    ],
+    ids=["cosine", "onecycle", "sequential", "plateau"],
+)
+def test_works_with_torch_lr_schedulers(make_scheduler) -> None:
+    param = torch.nn.Parameter(torch.randn(4))
+    opt = Adai([param])
+    scheduler = make_scheduler(opt)
+    for step in range(6):
+        param.grad = torch.randn(4)
+        opt.step()
+        scheduler.step(1.0) if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) else scheduler.step()
+    assert torch.isfinite(param).all()
+    sd = copy.deepcopy(scheduler.state_dict())
+    scheduler.load_state_dict(sd)
+
+
+def test_inertia_matches_the_formula_in_float64() -> None:
+    params = [torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in SHAPES]
+    opt = Adai(params, betas=(0.2, 0.9), eps=0.01)
+    assert list(opt.inertia()) == []
+    _train(params, opt, range(4))
+    vhats = {p: opt.state[p]["exp_avg_sq"] / (1 - 0.9 ** opt.state[p]["step"]) for p in params}
+    stepped = [p for p in params if p.grad is not None]
+    vbar = torch.cat([vhats[p].flatten() for p in stepped]).mean()
+    for item in opt.inertia():
+        ratio = vhats[item.param] / vbar
+        torch.testing.assert_close(item.ratio, ratio)
+        torch.testing.assert_close(item.beta1, (1 - 0.2 * ratio).clamp(0, 0.99))
+
+
+def test_step_never_reads_device_values_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No .item()/float()/bool() inside step(): on CUDA each would stall the stream."""
+    params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
+    opts = [Adai(params, foreach=False), Adai(params, foreach=True, weight_decay=0.1)]
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host synchronisation inside step()")
+
+    for p in params:
+        p.grad = torch.randn_like(p)
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    for opt in opts:
+        opt.step()
