@@ -4,7 +4,12 @@ validation, state, side effects, both Lightning packages, TensorBoard histograms
 from __future__ import annotations
 
 import csv
+import json
 import math
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from adai_lightning import Adai
 from adai_lightning.callbacks import InertiaMonitor
 from adai_lightning.callbacks import inertia as inertia_module
-from adai_lightning.callbacks.inertia import STATS, constant_summary, summarize
+from adai_lightning.callbacks.inertia import STATS, ParamInertia, adai_statistics, constant_summary
 
 QUANTILE_STATS = dict(zip(("q05", "q25", "q50", "q75", "q95"), (0.05, 0.25, 0.5, 0.75, 0.95)))
 
@@ -151,11 +156,13 @@ def test_statistics_equal_the_papers_formula_in_float64() -> None:
 def test_quantiles_of_large_tensors_come_from_a_strided_subsample(monkeypatch) -> None:
     monkeypatch.setattr(inertia_module, "QUANTILE_SAMPLE_SIZE", 10)
     values = torch.rand(95, generator=torch.Generator().manual_seed(1))
-    entry = inertia_module._ParamInertia("m", values, torch.tensor(0), torch.tensor(0), values.sum())
-    row = summarize(values, [entry]).tolist()
+    entry = ParamInertia("m", values, torch.tensor(0), torch.tensor(0), values.sum())
+    scalars, samples = adai_statistics({"m": entry}, per_parameter=False)
     sample = values[::10].double().numpy()
-    assert row[2:7] == pytest.approx(np.quantile(sample, list(QUANTILE_STATS.values())), abs=1e-6)
-    assert row[0] == pytest.approx(values.double().mean().item(), abs=1e-6)  # mean/std: every element
+    assert [scalars[f"global/{q}"] for q in QUANTILE_STATS] == pytest.approx(
+        np.quantile(sample, list(QUANTILE_STATS.values())), abs=1e-6)
+    assert torch.equal(samples["global/beta1"], values[::10])
+    assert scalars["global/mean"] == pytest.approx(values.double().mean().item(), abs=1e-6)  # every element
 
 
 def test_csv_logger_shows_every_key_at_the_cadence(tmp_path: Path) -> None:
@@ -324,3 +331,33 @@ def test_several_optimizers_get_their_own_prefix() -> None:
     assert not any(key.startswith("inertia/opt0/param/") for key in keys)
     last = logged[max(logged)]
     assert last["inertia/opt1/global/mean"] == 0.7 and "inertia/opt1/global/ratio_mean" not in last
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("mode", ["fsdp2", "zero"])
+def test_sharded_statistics_are_global_and_identical_on_every_rank(tmp_path: Path, mode: str) -> None:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    script = Path(__file__).with_name("callbacks_inertia_dist.py")
+    result = subprocess.run([sys.executable, str(script), mode, str(_free_port()), str(tmp_path)], env=env,
+                            timeout=120, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["scalars"] == ranks[1]["scalars"]
+    beta1 = {}  # each parameter's beta1, its ranks' parts in rank order (FSDP2 shards dim 0)
+    for rank in ranks:
+        for name, part in rank["reference"].items():
+            beta1.setdefault(name, []).extend(part)
+    assert mode == "fsdp2" or all(len(rank["reference"]) < len(beta1) for rank in ranks)  # ZeRO: split by param
+    scalars = ranks[0]["scalars"]
+    everything = np.concatenate([np.array(v) for v in beta1.values()])
+    for prefix, values in [*((f"param/{n}/", np.array(v)) for n, v in beta1.items()), ("global/", everything)]:
+        expected = _expected(values, int((values == 0).sum()), 0, 0.0)
+        for stat in ("mean", "std", "frac_zero", *QUANTILE_STATS):
+            assert scalars[prefix + stat] == pytest.approx(expected[stat], abs=2e-6), prefix + stat
+    assert scalars["global/frac_zero"] > 0

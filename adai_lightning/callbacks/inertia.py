@@ -5,19 +5,23 @@ callback summarises it at each cadence point so one sees where the optimizer is 
 0: noisy or steep elements) and where it coasts (beta1 at ``1 - eps``: flat elements). SGD with
 momentum and Adam/AdamW are summarised the same way with their constant momentum, so that runs with
 different optimizers share one chart. See ``docs/callbacks-inertia.md`` for every key.
+
+The statistics themselves (:func:`adai_statistics`, :func:`constant_statistics`) need no trainer.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.optim import Optimizer
 
 from adai_lightning.callbacks._cadence import CadencedCallback, log_histogram, log_scalars
@@ -28,16 +32,16 @@ QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 #: Quantiles of a tensor with more elements than this come from an evenly strided, deterministic
 #: subsample of this many elements (torch.quantile's size limit in older torch, and a cost bound).
 QUANTILE_SAMPLE_SIZE = 2**24
-#: Optimizers with one momentum per param group: how to read it from the group.
-CONSTANT_MOMENTUM = (
+#: Optimizers with one momentum per param group, and how to read it from the group.
+CONSTANT_MOMENTUM: tuple[tuple[tuple[type, ...], Callable[[dict], float]], ...] = (
     ((torch.optim.Adam, torch.optim.AdamW), lambda group: group["betas"][0]),
     ((torch.optim.SGD,), lambda group: group["momentum"]),
 )
 UNNAMED_MODULE = "_unnamed"
 
 
-class _ParamInertia(NamedTuple):
-    """One parameter's beta1 (flat, float32) with its clip counts and the sum of ``vhat / vbar``."""
+class ParamInertia(NamedTuple):
+    """One parameter's beta1 (flat, float32), its clip counts and the sum of its ``vhat / vbar``."""
 
     module: str
     beta1: Tensor
@@ -57,17 +61,22 @@ def _module_of(name: str) -> str:
     return name.split(".", 1)[0]
 
 
-def parameter_names(pl_module: torch.nn.Module, optimizer: Optimizer) -> dict[int, str]:
+def _sample(values: Tensor) -> Tensor:
+    """``values`` itself, or an evenly strided view of at most :data:`QUANTILE_SAMPLE_SIZE` elements."""
+    return values[::math.ceil(values.numel() / QUANTILE_SAMPLE_SIZE)]
+
+
+def parameter_names(module: torch.nn.Module, optimizer: Optimizer) -> dict[int, str]:
     """``id(param) -> name`` from ``named_parameters()``; a parameter the module does not name gets
     ``_unnamed.<group>.<index in group>``, stable as long as the param groups are."""
-    names = {id(param): name for name, param in pl_module.named_parameters()}
+    names = {id(param): name for name, param in module.named_parameters()}
     for g, group in enumerate(optimizer.param_groups):
         for i, param in enumerate(group["params"]):
             names.setdefault(id(param), f"{UNNAMED_MODULE}.{g}.{i}")
     return names
 
 
-def adai_inertia(optimizer: Adai, names: dict[int, str]) -> dict[str, _ParamInertia]:
+def _local_inertia(optimizer: Adai, names: dict[int, str]) -> dict[str, ParamInertia]:
     """Every stepped parameter's beta1 from :meth:`Adai.inertia`, as device tensors (no host sync)."""
     eps = {id(param): group["eps"] for group in optimizer.param_groups for param in group["params"]}
     out = {}
@@ -75,33 +84,84 @@ def adai_inertia(optimizer: Adai, names: dict[int, str]) -> dict[str, _ParamIner
         beta1 = _full(inertia.beta1).detach().reshape(-1)
         bound = beta1.new_full((), 1.0 - eps[id(inertia.param)])  # the clamp's own bound, in beta1's dtype
         name = names[id(inertia.param)]
-        out[name] = _ParamInertia(
-            module=_module_of(name),
-            beta1=beta1.float(),
-            n_zero=(beta1 <= 0).sum(),
-            n_max=(beta1 >= bound).sum(),
-            ratio_sum=_full(inertia.ratio).detach().float().sum(),
-        )
+        out[name] = ParamInertia(_module_of(name), beta1.float(), (beta1 <= 0).sum(), (beta1 >= bound).sum(),
+                                 _full(inertia.ratio).detach().float().sum())
     return out
 
 
-def summarize(values: Tensor, entries: list[_ParamInertia]) -> Tensor:
+def param_inertia(optimizer: Adai | ZeroRedundancyOptimizer, names: dict[int, str]) -> dict[str, ParamInertia]:
+    """Every stepped parameter's inertia, in the optimizer's parameter order, identical on every rank.
+
+    FSDP2 (DTensor state): each tensor is gathered with ``full_tensor()``. ZeRO
+    (``ZeroRedundancyOptimizer`` around Adai): each rank holds whole parameters, so the ranks'
+    parts are exchanged with one ``all_gather_object`` (host copies; only under ZeRO).
+    """
+    if not isinstance(optimizer, ZeroRedundancyOptimizer):
+        return _local_inertia(optimizer, names)
+    local = {name: ParamInertia(*(t.cpu() if isinstance(t, Tensor) else t for t in entry))
+             for name, entry in _local_inertia(optimizer.optim, names).items()}
+    parts: list[Any] = [None] * dist.get_world_size(optimizer.process_group)
+    dist.all_gather_object(parts, local, group=optimizer.process_group)
+    merged = {name: entry for part in parts for name, entry in part.items()}
+    order = (names[id(p)] for group in optimizer.param_groups for p in group["params"])
+    return {name: merged[name] for name in order if name in merged}
+
+
+def _summarize(values: Tensor, entries: list[ParamInertia]) -> Tensor:
     """The ten :data:`STATS` of ``values`` (the entries' beta1, concatenated) as one float32 tensor."""
+    device = values.device
     std, mean = torch.std_mean(values, correction=0)
-    stride = math.ceil(values.numel() / QUANTILE_SAMPLE_SIZE)
-    quantiles = torch.quantile(values[::stride], values.new_tensor(QUANTILES))
-    counts = torch.stack([
-        sum(e.n_zero.to(values.device) for e in entries),
-        sum(e.n_max.to(values.device) for e in entries),
-    ]).float()
-    ratio_sum = sum(e.ratio_sum.to(values.device) for e in entries)
+    quantiles = torch.quantile(_sample(values), values.new_tensor(QUANTILES))
+    counts = torch.stack([sum(e.n_zero.to(device) for e in entries), sum(e.n_max.to(device) for e in entries)])
+    ratio_sum = sum(e.ratio_sum.to(device) for e in entries)
     numel = values.numel()
-    return torch.cat([mean[None], std[None], quantiles, counts / numel, (ratio_sum / numel)[None]])
+    return torch.cat([mean[None], std[None], quantiles, counts.float() / numel, (ratio_sum / numel)[None]])
 
 
-def _concat(entries: list[_ParamInertia]) -> Tensor:
+def _concat(entries: list[ParamInertia]) -> Tensor:
     device = entries[0].beta1.device
     return torch.cat([e.beta1.to(device) for e in entries]) if len(entries) > 1 else entries[0].beta1
+
+
+def _scopes(names: Iterable[str], module_of: Callable[[str], str], per_parameter: bool
+            ) -> Iterator[tuple[str, list[str]]]:
+    """``(key prefix, member names)`` for each parameter (if asked), each top-level module, and all."""
+    names = list(names)
+    if per_parameter:
+        for name in names:
+            yield f"param/{name}/", [name]
+    modules = defaultdict(list)
+    for name in names:
+        modules[module_of(name)].append(name)
+    for module, members in modules.items():
+        yield f"module/{module}/", members
+    if names:
+        yield "global/", names
+
+
+def adai_statistics(inertia: dict[str, ParamInertia], per_parameter: bool = True
+                    ) -> tuple[dict[str, float], dict[str, Tensor]]:
+    """``({"<scope>/<stat>": value}, {"<scope>/beta1": beta1 sample})`` for every scope (no ``inertia/``).
+
+    Everything is computed on the device; the values come to the host in one transfer. The second
+    dict holds each module's and the global beta1 (subsampled as for quantiles), for histograms.
+    """
+    keys, rows, samples = [], [], {}
+    summaries: dict[tuple[str, ...], Tensor] = {}  # a one-module model's global row is its module row
+    for key, members in _scopes(inertia, lambda name: inertia[name].module, per_parameter):
+        entries = [inertia[name] for name in members]
+        values = _concat(entries)
+        if tuple(members) not in summaries:
+            summaries[tuple(members)] = _summarize(values, entries)
+        keys.append(key)
+        rows.append(summaries[tuple(members)])
+        if not key.startswith("param/"):
+            samples[key + "beta1"] = _sample(values)
+    if not rows:
+        return {}, {}
+    device = rows[0].device
+    table = torch.stack([row.to(device) for row in rows]).tolist()  # the one host transfer
+    return {key + stat: value for key, row in zip(keys, table) for stat, value in zip(STATS, row)}, samples
 
 
 def constant_summary(momenta: Iterable[tuple[float, int]]) -> dict[str, float]:
@@ -121,7 +181,7 @@ def constant_summary(momenta: Iterable[tuple[float, int]]) -> dict[str, float]:
             if index < count:
                 return momentum
             index -= count
-        raise AssertionError("index beyond the element count")
+        raise IndexError(f"order statistic {index} of {total} elements")
 
     stats = {"mean": mean, "std": std}
     for q, key in zip(QUANTILES, STATS[2:7]):
@@ -132,6 +192,27 @@ def constant_summary(momenta: Iterable[tuple[float, int]]) -> dict[str, float]:
     stats["frac_zero"] = sum(count for m, count in ordered if m == 0) / total
     stats["frac_max"] = 0.0  # no clipping bound: the momentum is what the user set
     return stats
+
+
+def momentum_reader(optimizer: Optimizer) -> Callable[[dict], float] | None:
+    """How to read a constant momentum from a param group of ``optimizer`` (or ZeRO's inner one)."""
+    inner = optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
+    return next((read for types, read in CONSTANT_MOMENTUM if isinstance(inner, types)), None)
+
+
+def constant_statistics(optimizer: Optimizer, read: Callable[[dict], float], names: dict[int, str],
+                        per_parameter: bool = True) -> dict[str, float]:
+    """``{"<scope>/<stat>": value}`` for an optimizer whose momentum is one number per param group."""
+    momentum = {names[id(param)]: (float(read(group)), param.numel())
+                for group in optimizer.param_groups for param in group["params"]}
+    return {key + stat: value
+            for key, members in _scopes(momentum, _module_of, per_parameter)
+            for stat, value in constant_summary(momentum[name] for name in members).items()}
+
+
+def _is_adai(optimizer: Optimizer) -> bool:
+    return isinstance(optimizer, Adai) or (isinstance(optimizer, ZeroRedundancyOptimizer)
+                                           and isinstance(optimizer.optim, Adai))
 
 
 class InertiaMonitor(CadencedCallback):
@@ -145,9 +226,8 @@ class InertiaMonitor(CadencedCallback):
     constant momentum under the same keys (no ``ratio_mean``); other optimizers: one warning, no keys.
     Histograms of beta1 per module and globally go to TensorBoard when ``histograms`` is set.
 
-    All statistics of one cadence point are computed as device tensors and fetched with a single
-    host transfer. Under FSDP2 (DTensor state) every parameter's beta1 is gathered first
-    (``full_tensor()``), so all values are global and identical on every rank.
+    Values are global and identical on every rank under DDP, FSDP2 and ZeRO (see
+    :func:`param_inertia`); the loggers write on rank zero.
 
     Args:
         every_n_train_steps: log after every n-th optimizer step (None: never by steps).
@@ -177,58 +257,21 @@ class InertiaMonitor(CadencedCallback):
         for i, optimizer in enumerate(optimizers):
             prefix = "inertia/" if len(optimizers) == 1 else f"inertia/opt{i}/"
             names = parameter_names(pl_module, optimizer)
-            if isinstance(optimizer, Adai):
-                metrics.update(self._adai_metrics(trainer, prefix, adai_inertia(optimizer, names)))
+            if _is_adai(optimizer):
+                scalars, samples = adai_statistics(param_inertia(optimizer, names), self.per_parameter)
+                for key, values in samples.items() if self.histograms else ():
+                    log_histogram(trainer, prefix + key, values)
+            elif (read := momentum_reader(optimizer)) is not None:
+                scalars = constant_statistics(optimizer, read, names, self.per_parameter)
             else:
-                metrics.update(self._constant_metrics(prefix, optimizer, names))
+                self._warn_unknown(optimizer)
+                continue
+            metrics.update({prefix + key: value for key, value in scalars.items()})
         log_scalars(trainer, metrics)
 
-    def _groups(self, names: Iterable[str], module_of) -> Iterator[tuple[str, list[str]]]:
-        """``(key prefix, member names)`` for each parameter, each top-level module, and all."""
-        names = list(names)
-        if self.per_parameter:
-            for name in names:
-                yield f"param/{name}/", [name]
-        modules = defaultdict(list)
-        for name in names:
-            modules[module_of(name)].append(name)
-        for module, members in modules.items():
-            yield f"module/{module}/", members
-        if names:
-            yield "global/", names
-
-    def _adai_metrics(self, trainer: pl.Trainer, prefix: str, inertia: dict[str, _ParamInertia]) -> dict[str, float]:
-        keys, rows = [], []
-        summaries: dict[tuple[str, ...], Tensor] = {}  # a one-module model's global row is its module row
-        for key, members in self._groups(inertia, lambda name: inertia[name].module):
-            entries = [inertia[name] for name in members]
-            values = _concat(entries)
-            if tuple(members) not in summaries:
-                summaries[tuple(members)] = summarize(values, entries)
-            keys.append(prefix + key)
-            rows.append(summaries[tuple(members)])
-            if self.histograms and not key.startswith("param/"):
-                stride = math.ceil(values.numel() / QUANTILE_SAMPLE_SIZE)
-                log_histogram(trainer, f"{prefix}{key}beta1", values[::stride])
-        if not rows:
-            return {}
-        device = rows[0].device
-        table = torch.stack([row.to(device) for row in rows]).tolist()  # the one host transfer
-        return {key + stat: value for key, row in zip(keys, table) for stat, value in zip(STATS, row)}
-
-    def _constant_metrics(self, prefix: str, optimizer: Optimizer, names: dict[int, str]) -> dict[str, float]:
-        read = next((read for types, read in CONSTANT_MOMENTUM if isinstance(optimizer, types)), None)
-        if read is None:
-            kind = type(optimizer).__qualname__
-            if kind not in self._warned:
-                self._warned.add(kind)
-                rank_zero_warn(f"InertiaMonitor does not know the momentum of {kind}; it logs nothing for it "
-                               "(supported: Adai, AdaiW, SGD, Adam, AdamW)")
-            return {}
-        momentum = {names[id(param)]: (float(read(group)), param.numel())
-                    for group in optimizer.param_groups for param in group["params"]}
-        metrics = {}
-        for key, members in self._groups(momentum, _module_of):
-            stats = constant_summary(momentum[name] for name in members)
-            metrics.update({prefix + key + stat: value for stat, value in stats.items()})
-        return metrics
+    def _warn_unknown(self, optimizer: Optimizer) -> None:
+        kind = type(optimizer).__qualname__
+        if kind not in self._warned:
+            self._warned.add(kind)
+            rank_zero_warn(f"InertiaMonitor does not know the momentum of {kind}; it logs nothing for it "
+                           "(supported: Adai, AdaiW, SGD, Adam, AdamW, and these inside ZeroRedundancyOptimizer)")
