@@ -361,3 +361,20 @@ def test_sharded_statistics_are_global_and_identical_on_every_rank(tmp_path: Pat
         for stat in ("mean", "std", "frac_zero", *QUANTILE_STATS):
             assert scalars[prefix + stat] == pytest.approx(expected[stat], abs=2e-6), prefix + stat
     assert scalars["global/frac_zero"] > 0
+
+
+def test_attached_from_the_command_line_to_the_default_recipe(tmp_path: Path) -> None:
+    from adai_lightning.cli import main
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "default.yaml"
+    main(["fit", "--config", str(recipe), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4",
+          "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(tmp_path),
+          "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
+          "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(tmp_path),
+          "--trainer.callbacks+=adai_lightning.callbacks.InertiaMonitor",
+          "--trainer.callbacks.every_n_train_steps", "2", "--trainer.callbacks.per_parameter", "false"])
+    (metrics,) = tmp_path.glob("lightning_logs/version_0/metrics.csv")
+    rows = [row for row in csv.DictReader(metrics.open()) if row.get("inertia/global/mean")]
+    assert [int(row["step"]) for row in rows] == [1, 3]
+    assert {f"inertia/{scope}/{stat}" for scope in ("module/backbone", "global") for stat in STATS} <= set(rows[0])
+    assert not any(key.startswith("inertia/param/") for key in rows[0])
