@@ -378,3 +378,19 @@ def test_attached_from_the_command_line_to_the_default_recipe(tmp_path: Path) ->
     assert [int(row["step"]) for row in rows] == [1, 3]
     assert {f"inertia/{scope}/{stat}" for scope in ("module/backbone", "global") for stat in STATS} <= set(rows[0])
     assert not any(key.startswith("inertia/param/") for key in rows[0])
+
+
+@pytest.mark.parametrize("optimizer_class", [Adai, torch.optim.SGD])
+def test_empty_parameters_are_left_out(optimizer_class) -> None:
+    model = nn.Module()
+    model.empty, model.weight = nn.Parameter(torch.zeros(0)), nn.Parameter(torch.ones(3))
+    optimizer = optimizer_class(model.parameters(), lr=0.1)
+    (model.weight.sum() + model.empty.sum()).backward()
+    optimizer.step()
+    names = inertia_module.parameter_names(model, optimizer)
+    if optimizer_class is Adai:
+        scalars, _ = adai_statistics(inertia_module.param_inertia(optimizer, names))
+        assert scalars["global/ratio_mean"] == pytest.approx(1.0)
+    else:
+        scalars = inertia_module.constant_statistics(optimizer, inertia_module.momentum_reader(optimizer), names)
+    assert not any("empty" in key for key in scalars) and scalars["global/mean"] == scalars["param/weight/mean"]

@@ -77,10 +77,12 @@ def parameter_names(module: torch.nn.Module, optimizer: Optimizer) -> dict[int, 
 
 
 def _local_inertia(optimizer: Adai, names: dict[int, str]) -> dict[str, ParamInertia]:
-    """Every stepped parameter's beta1 from :meth:`Adai.inertia`, as device tensors (no host sync)."""
+    """Every stepped, non-empty parameter's beta1 from :meth:`Adai.inertia`, as device tensors (no host sync)."""
     eps = {id(param): group["eps"] for group in optimizer.param_groups for param in group["params"]}
     out = {}
     for inertia in optimizer.inertia():
+        if inertia.param.numel() == 0:
+            continue
         beta1 = _full(inertia.beta1).detach().reshape(-1)
         bound = beta1.new_full((), 1.0 - eps[id(inertia.param)])  # the clamp's own bound, in beta1's dtype
         name = names[id(inertia.param)]
@@ -204,7 +206,7 @@ def constant_statistics(optimizer: Optimizer, read: Callable[[dict], float], nam
                         per_parameter: bool = True) -> dict[str, float]:
     """``{"<scope>/<stat>": value}`` for an optimizer whose momentum is one number per param group."""
     momentum = {names[id(param)]: (float(read(group)), param.numel())
-                for group in optimizer.param_groups for param in group["params"]}
+                for group in optimizer.param_groups for param in group["params"] if param.numel() > 0}
     return {key + stat: value
             for key, members in _scopes(momentum, _module_of, per_parameter)
             for stat, value in constant_summary(momentum[name] for name in members).items()}
