@@ -63,7 +63,7 @@ def run(rank: int, mode: str, port: int, out_dir: str) -> None:
         optimizer.step()
 
     names = parameter_names(model, optimizer)
-    scalars, _ = adai_statistics(param_inertia(optimizer, names))
+    scalars = adai_statistics(param_inertia(optimizer, names))
     reference = reference_beta1(local, names)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"scalars": scalars, "reference": reference}, f)

@@ -157,11 +157,12 @@ def test_quantiles_of_large_tensors_come_from_a_strided_subsample(monkeypatch) -
     monkeypatch.setattr(inertia_module, "QUANTILE_SAMPLE_SIZE", 10)
     values = torch.rand(95, generator=torch.Generator().manual_seed(1))
     entry = ParamInertia("m", values, torch.tensor(0), torch.tensor(0), values.sum())
-    scalars, samples = adai_statistics({"m": entry}, per_parameter=False)
+    samples = {}
+    scalars = adai_statistics({"m": entry}, per_parameter=False, histogram=samples.__setitem__)
     sample = values[::10].double().numpy()
     assert [scalars[f"global/{q}"] for q in QUANTILE_STATS] == pytest.approx(
         np.quantile(sample, list(QUANTILE_STATS.values())), abs=1e-6)
-    assert torch.equal(samples["global/beta1"], values[::10])
+    assert samples.keys() == {"module/m/beta1", "global/beta1"} and torch.equal(samples["global/beta1"], values[::10])
     assert scalars["global/mean"] == pytest.approx(values.double().mean().item(), abs=1e-6)  # every element
 
 
@@ -389,7 +390,7 @@ def test_empty_parameters_are_left_out(optimizer_class) -> None:
     optimizer.step()
     names = inertia_module.parameter_names(model, optimizer)
     if optimizer_class is Adai:
-        scalars, _ = adai_statistics(inertia_module.param_inertia(optimizer, names))
+        scalars = adai_statistics(inertia_module.param_inertia(optimizer, names))
         assert scalars["global/ratio_mean"] == pytest.approx(1.0)
     else:
         scalars = inertia_module.constant_statistics(optimizer, inertia_module.momentum_reader(optimizer), names)

@@ -141,14 +141,15 @@ def _scopes(names: Iterable[str], module_of: Callable[[str], str], per_parameter
         yield "global/", names
 
 
-def adai_statistics(inertia: dict[str, ParamInertia], per_parameter: bool = True
-                    ) -> tuple[dict[str, float], dict[str, Tensor]]:
-    """``({"<scope>/<stat>": value}, {"<scope>/beta1": beta1 sample})`` for every scope (no ``inertia/``).
+def adai_statistics(inertia: dict[str, ParamInertia], per_parameter: bool = True,
+                    histogram: Callable[[str, Tensor], None] | None = None) -> dict[str, float]:
+    """``{"<scope>/<stat>": value}`` for every scope (keys without the ``inertia/`` prefix).
 
-    Everything is computed on the device; the values come to the host in one transfer. The second
-    dict holds each module's and the global beta1 (subsampled as for quantiles), for histograms.
+    Everything is computed on the device; the values come to the host in one transfer. If given,
+    ``histogram("<scope>/beta1", values)`` receives each module's and the global beta1 (subsampled as
+    for quantiles) as soon as it is formed, so at most one concatenation is alive at a time.
     """
-    keys, rows, samples = [], [], {}
+    keys, rows = [], []
     summaries: dict[tuple[str, ...], Tensor] = {}  # a one-module model's global row is its module row
     for key, members in _scopes(inertia, lambda name: inertia[name].module, per_parameter):
         entries = [inertia[name] for name in members]
@@ -157,13 +158,13 @@ def adai_statistics(inertia: dict[str, ParamInertia], per_parameter: bool = True
             summaries[tuple(members)] = _summarize(values, entries)
         keys.append(key)
         rows.append(summaries[tuple(members)])
-        if not key.startswith("param/"):
-            samples[key + "beta1"] = _sample(values)
+        if histogram is not None and not key.startswith("param/"):
+            histogram(key + "beta1", _sample(values))
     if not rows:
-        return {}, {}
+        return {}
     device = rows[0].device
     table = torch.stack([row.to(device) for row in rows]).tolist()  # the one host transfer
-    return {key + stat: value for key, row in zip(keys, table) for stat, value in zip(STATS, row)}, samples
+    return {key + stat: value for key, row in zip(keys, table) for stat, value in zip(STATS, row)}
 
 
 def constant_summary(momenta: Iterable[tuple[float, int]]) -> dict[str, float]:
@@ -260,9 +261,9 @@ class InertiaMonitor(CadencedCallback):
             prefix = "inertia/" if len(optimizers) == 1 else f"inertia/opt{i}/"
             names = parameter_names(pl_module, optimizer)
             if _is_adai(optimizer):
-                scalars, samples = adai_statistics(param_inertia(optimizer, names), self.per_parameter)
-                for key, values in samples.items() if self.histograms else ():
-                    log_histogram(trainer, prefix + key, values)
+                histogram = (lambda key, values: log_histogram(trainer, prefix + key, values)) \
+                    if self.histograms else None
+                scalars = adai_statistics(param_inertia(optimizer, names), self.per_parameter, histogram)
             elif (read := momentum_reader(optimizer)) is not None:
                 scalars = constant_statistics(optimizer, read, names, self.per_parameter)
             else:
