@@ -340,15 +340,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("mode", ["fsdp2", "zero"])
-def test_sharded_statistics_are_global_and_identical_on_every_rank(tmp_path: Path, mode: str) -> None:
+def _run_two_ranks(mode: str, out_dir: Path) -> list[dict]:
+    """Run tests/callbacks_inertia_dist.py in a clean environment; each rank's JSON output."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     script = Path(__file__).with_name("callbacks_inertia_dist.py")
-    result = subprocess.run([sys.executable, str(script), mode, str(_free_port()), str(tmp_path)], env=env,
+    result = subprocess.run([sys.executable, str(script), mode, str(_free_port()), str(out_dir)], env=env,
                             timeout=120, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("mode", ["fsdp2", "zero"])
+def test_sharded_statistics_are_global_and_identical_on_every_rank(tmp_path: Path, mode: str) -> None:
+    ranks = _run_two_ranks(mode, tmp_path)
     assert ranks[0]["scalars"] == ranks[1]["scalars"]
     beta1 = {}  # each parameter's beta1, its ranks' parts in rank order (FSDP2 shards dim 0)
     for rank in ranks:
@@ -362,6 +367,17 @@ def test_sharded_statistics_are_global_and_identical_on_every_rank(tmp_path: Pat
         for stat in ("mean", "std", "frac_zero", *QUANTILE_STATS):
             assert scalars[prefix + stat] == pytest.approx(expected[stat], abs=2e-6), prefix + stat
     assert scalars["global/frac_zero"] > 0
+
+
+
+@pytest.mark.slow
+def test_lightning_model_parallel_strategy_logs_the_same_values_on_both_ranks(tmp_path: Path) -> None:
+    ranks = _run_two_ranks("lightning", tmp_path)
+    assert ranks[0] == ranks[1]
+    (logged,) = ranks[0]["scalars"].values()  # 2 steps per rank, every 2 steps: one cadence point
+    assert {f"inertia/{scope}/{stat}" for scope in ("param/body.0.weight", "module/head", "global")
+            for stat in STATS} <= set(logged)
+    assert 0 < logged["inertia/global/frac_zero"] < 1
 
 
 def test_attached_from_the_command_line_to_the_default_recipe(tmp_path: Path) -> None:
