@@ -43,7 +43,7 @@ _DEVICE_TYPES = ("cpu", "cuda")
 _SIGN, _L2, _BETA2, _BIAS2, _BETA0, _MAX_BETA1, _DECAY, _STEP_SCALE, _EXPONENT, _DAMPENING = range(10)
 
 
-def _grad_term(param: Tensor, grad: Tensor, dtype: torch.dtype, s: Tensor, use_l2: bool) -> Tensor:
+def _grad_term(param: Tensor | None, grad: Tensor, dtype: torch.dtype, s: Tensor, use_l2: bool) -> Tensor:
     g = grad.to(dtype) * s[_SIGN].to(dtype)
     if use_l2:
         g = g + s[_L2].to(dtype) * param.to(dtype)
@@ -55,7 +55,7 @@ def _new_second_moment(exp_avg_sq: Tensor, g: Tensor, s: Tensor) -> Tensor:
     return exp_avg_sq * beta2 + (1.0 - beta2) * (g * g)
 
 
-def _vhat_sum_kernel(param: Tensor, grad: Tensor, exp_avg_sq: Tensor, s: Tensor, use_l2: bool) -> Tensor:
+def _vhat_sum_kernel(grad: Tensor, exp_avg_sq: Tensor, s: Tensor, use_l2: bool, param: Tensor | None = None) -> Tensor:
     g = _grad_term(param, grad, exp_avg_sq.dtype, s, use_l2)
     # A float64 accumulator is both more exact and (on CPU) faster than inductor's float32 cascade sum.
     return _new_second_moment(exp_avg_sq, g, s).to(torch.float64).sum() / s[_BIAS2]
@@ -113,25 +113,32 @@ def _flat(tensor: Tensor) -> Tensor | None:
 
 
 class _Item:
-    """The flat operands of one kernel launch: one dense tensor, or a pack of several."""
+    """The flat operands of one kernel launch, from one list per operand kind (params, grads, ...).
 
-    def __init__(self, tensors: list[list[Tensor]], row: int, packed: bool) -> None:
-        self.tensors = tensors  # [params, grads, exp_avgs, exp_avg_sqs, beta1_prods], each a list
+    Three kinds: a dense tensor, updated in place through flat aliases; a pack of small contiguous
+    tensors, concatenated and split back; a single tensor of irregular layout, copied and copied back.
+    """
+
+    def __init__(self, tensors: list[list[Tensor]], row: int, in_place: bool) -> None:
+        self.tensors = tensors
         self.row = row
-        self.packed = packed
+        self.in_place = in_place
 
     def operands(self) -> list[Tensor]:
-        if not self.packed:
+        if self.in_place:
             return [_flat(group[0]) for group in self.tensors]
         return [torch.cat([t.reshape(-1) for t in group]) for group in self.tensors]
 
     def write_back(self, operands: list[Tensor]) -> None:
-        """Copy a pack's results into the original tensors (dense items were updated in place)."""
-        if not self.packed:
+        """Copy results into the original tensors, unless the kernel already wrote them in place."""
+        if self.in_place:
             return
         sizes = [t.numel() for t in self.tensors[0]]
         for group, flat in zip(self.tensors, operands):
-            torch._foreach_copy_(group, [c.view(t.shape) for c, t in zip(flat.split(sizes), group)])
+            if len(group) == 1:
+                group[0].copy_(flat.view(group[0].shape))
+            else:
+                torch.split_with_sizes_copy(flat, sizes, out=[t.view(-1) for t in group])
 
 
 def _same_dense_layout(tensors: list[Tensor]) -> bool:
@@ -139,23 +146,25 @@ def _same_dense_layout(tensors: list[Tensor]) -> bool:
 
 
 def _items(lists: list[list[Tensor]], steps: list[int]) -> Iterator[_Item]:
-    """Split a bucket into launches: large dense tensors alone, the rest in packs of one step count."""
+    """Split a bucket into launches: dense tensors alone, small ones in packs of one step count each."""
     distinct_steps = sorted(set(steps))
     packs: dict[int, list[int]] = {}
+    pack_numel: dict[int, int] = {}
     for i, step in enumerate(steps):
         one = [lst[i] for lst in lists]
-        row = distinct_steps.index(step)
-        if one[0].numel() >= SMALL_NUMEL and _same_dense_layout(one):
-            yield _Item([[t] for t in one], row, packed=False)
-            continue
-        pack = packs.setdefault(step, [])
-        if pack and sum(lists[0][j].numel() for j in pack) + one[0].numel() > PACK_NUMEL:
-            yield _Item([[lst[j] for j in pack] for lst in lists], row, packed=True)
-            pack.clear()
-        pack.append(i)
+        row, numel = distinct_steps.index(step), one[0].numel()
+        if numel < SMALL_NUMEL and all(t.is_contiguous() for t in one):
+            pack = packs.setdefault(step, [])
+            if pack and pack_numel[step] + numel > PACK_NUMEL:
+                yield _Item([[lst[j] for j in pack] for lst in lists], row, in_place=False)
+                pack.clear()
+            pack.append(i)
+            pack_numel[step] = numel + (pack_numel[step] if len(pack) > 1 else 0)
+        else:
+            yield _Item([[t] for t in one], row, in_place=_same_dense_layout(one))
     for step, pack in packs.items():
         if pack:
-            yield _Item([[lst[j] for j in pack] for lst in lists], distinct_steps.index(step), packed=True)
+            yield _Item([[lst[j] for j in pack] for lst in lists], distinct_steps.index(step), in_place=False)
 
 
 def vhat_sum_fused(params: list[Tensor], grads: list[Tensor], exp_avg_sqs: list[Tensor], steps: list[int],
@@ -163,11 +172,11 @@ def vhat_sum_fused(params: list[Tensor], grads: list[Tensor], exp_avg_sqs: list[
     """Pass 1: ``sum(vhat)`` (float64) of the updated second moment; changes nothing (see the module docstring)."""
     scalars = _scalars(hyper, sorted(set(steps)), exp_avg_sqs[0].device)
     use_l2 = hyper.l2 != 0.0
-    lists = [params, grads, exp_avg_sqs, exp_avg_sqs, exp_avg_sqs]  # only p, g, v are read
+    lists = [grads, exp_avg_sqs, params] if use_l2 else [grads, exp_avg_sqs]  # p is read for L2 only
     sums = []
     for item in _items(lists, steps):
-        param, grad, _, exp_avg_sq, _ = item.operands()
-        sums.append(_compiled_vhat_sum(param, grad, exp_avg_sq, scalars[item.row], use_l2))
+        grad, exp_avg_sq, *param = item.operands()
+        sums.append(_compiled_vhat_sum(grad, exp_avg_sq, scalars[item.row], use_l2, *param))
     return torch.stack(sums).sum()
 
 
