@@ -6,8 +6,10 @@
 
 Every optimizer steps the same parameters with the same fixed random gradients (the values do not
 change the cost of an elementwise step). Rounds are interleaved (one step of each optimizer per
-round, in a rotating order) so that drifting machine load hits all of them alike; the table shows
-medians over rounds, as milliseconds per step and as a ratio to ``torch.optim.Adam(fused=True)``.
+round, in a fresh random order) so that drifting machine load hits all of them alike, and a
+buffer larger than the last-level cache is overwritten before every timed step, so that no
+optimizer finds the parameters warm in cache from the one before it. The table shows medians over
+rounds, as milliseconds per step and as a ratio to ``torch.optim.Adam(fused=True)``.
 
 "peak extra" is the largest amount of memory a step allocates on top of what existed before it:
 on CUDA ``torch.cuda.max_memory_allocated`` around one step; on CPU the peak of the running sum of
@@ -20,6 +22,7 @@ separately and reported as "first step".
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -66,8 +69,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_step(optimizer: torch.optim.Optimizer, device: torch.device) -> float:
-    """Seconds for one ``optimizer.step()``, device work included."""
+def timed_step(optimizer: torch.optim.Optimizer, device: torch.device, flush: torch.Tensor | None = None) -> float:
+    """Seconds for one ``optimizer.step()``, device work included, after overwriting ``flush``."""
+    if flush is not None:
+        flush.add_(1)
     synchronize(device)
     start = time.perf_counter()
     optimizer.step()
@@ -114,10 +119,11 @@ def main() -> None:
 
     times: dict[str, list[float]] = {label: [] for label in optimizers}
     labels = list(optimizers)
-    for round_index in range(args.rounds):
-        shift = round_index % len(labels)
-        for label in labels[shift:] + labels[:shift]:
-            times[label].append(timed_step(optimizers[label], device))
+    flush = torch.zeros(64 * 2**20, dtype=torch.int32, device=device)  # 256 MiB, beyond any cache
+    order = random.Random(0)
+    for _ in range(args.rounds):
+        for label in order.sample(labels, len(labels)):
+            times[label].append(timed_step(optimizers[label], device, flush))
     memory = {label: peak_extra_bytes(opt, device) for label, opt in optimizers.items()}
 
     baseline = statistics.median(times["Adam fused"])
