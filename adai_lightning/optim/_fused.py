@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -97,9 +98,10 @@ def _update_kernel(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Ten
     param.copy_(new_param)
 
 
-_compiled_vhat_sum = torch.compile(_vhat_sum_kernel, dynamic=True, fullgraph=True)
-_compiled_carried_sum = torch.compile(_carried_sum_kernel, dynamic=True, fullgraph=True)
-_compiled_update = torch.compile(_update_kernel, dynamic=True, fullgraph=True)
+@functools.cache
+def _compiled(kernel: Callable[..., Any]) -> Callable[..., Any]:
+    """``kernel`` under ``torch.compile``, created on first use (importing dynamo takes about a second)."""
+    return torch.compile(kernel, dynamic=True, fullgraph=True)
 
 
 def _scalars(hyper: AdaiHyper, steps: list[int], device: torch.device) -> Tensor:
@@ -196,13 +198,13 @@ def vhat_sum_fused(params: list[Tensor], grads: list[Tensor], exp_avg_sqs: list[
     for item in _items(lists, steps):
         if not item.in_place:
             grad, exp_avg_sq, *param = item.operands()
-            sums.append(_compiled_vhat_sum(grad, exp_avg_sq, scalars[item.row], use_l2, *param))
+            sums.append(_compiled(_vhat_sum_kernel)(grad, exp_avg_sq, scalars[item.row], use_l2, *param))
             continue
         grad, exp_avg_sq, *param = (group[0] for group in item.tensors)
         carried = _carried_sums.get(exp_avg_sq)
         if carried is None or carried[0] != item.step - 1:
             carried = (item.step - 1, exp_avg_sq.sum(dtype=torch.float64))
-        new_sum, vhat_sum = _compiled_carried_sum(
+        new_sum, vhat_sum = _compiled(_carried_sum_kernel)(
             _flat(grad), carried[1], scalars[item.row], use_l2, exp_avg_sq.dtype, *map(_flat, param)
         )
         _carried_sums[exp_avg_sq] = (item.step, new_sum)
@@ -222,7 +224,7 @@ def inertia_update_fused(params: list[Tensor], grads: list[Tensor], exp_avgs: li
     use_l2, damped = hyper.l2 != 0.0, hyper.dampening != 1.0
     for item in _items([params, grads, exp_avgs, exp_avg_sqs, beta1_prods], steps):
         operands = item.operands()
-        _compiled_update(*operands, vbar, scalars[item.row], use_l2, damped)
+        _compiled(_update_kernel)(*operands, vbar, scalars[item.row], use_l2, damped)
         item.write_back(operands)
 
 
