@@ -138,3 +138,21 @@ def test_dispatch_rule(monkeypatch, requested, numel, foreach, expected):
 def test_fused_after_other_paths_recomputes_its_carried_sums(small_thresholds):
     """The carried sum(v) is not trusted after a step of the foreach path changed v."""
     _assert_close_to_oracle(*_run_pair(torch.float64, steps=9, alternate_paths=True, fused=True), 1e-9)
+
+
+@pytest.mark.slow
+def test_fused_bfloat16_parameters_follow_the_foreach_path():
+    """16-bit parameters keep float32 state; both paths round the update to bfloat16 the same way."""
+    gen = torch.Generator().manual_seed(2)
+    start = torch.randn(64, 80, generator=gen).to(torch.bfloat16)
+    params = [start.clone(), start.clone()]
+    options = dict(lr=0.05, weight_decay=0.01)  # small steps: a one-ulp rounding difference stays one ulp
+    optimizers = [Adai([params[0]], fused=True, **options), Adai([params[1]], foreach=True, fused=False, **options)]
+    for _ in range(10):
+        grad = torch.randn(64, 80, generator=gen).to(torch.bfloat16)
+        for param, optimizer in zip(params, optimizers):
+            param.grad = grad.clone()
+            optimizer.step()
+    assert optimizers[0].state[params[0]]["exp_avg"].dtype == torch.float32
+    torch.testing.assert_close(params[0], params[1], rtol=2 * 2**-7, atol=1e-2)  # two bfloat16 ulps
+    assert not torch.equal(params[0], start)
