@@ -12,6 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from adai_lightning.optim import _functional as F
+from adai_lightning.optim import _fused
 
 _STATE_TENSORS = ("exp_avg", "exp_avg_sq", "beta1_prod")
 _FOREACH_TYPES = (Tensor, torch.nn.Parameter)
@@ -63,11 +64,21 @@ class _GroupWork:
     beta1_prods: list[Tensor]
     steps: list[int]
     foreach: bool
+    fused: bool | None = False
+
+    def passes(self, bucket: tuple) -> tuple[Callable[..., Tensor], Callable[..., None]]:
+        """The pass-1 and pass-2 functions for one bucket: fused, foreach or single-tensor."""
+        params, grads, exp_avgs = bucket[:3]
+        if self.fused is not False and _fused.use_fused(self.fused, params, grads, exp_avgs[0].dtype, self.hyper):
+            return _fused.vhat_sum_fused, _fused.inertia_update_fused
+        if self.foreach:
+            return F.second_moment_foreach, F.inertia_update_foreach
+        return F.second_moment_single_tensor, F.inertia_update_single_tensor
 
     def buckets(self) -> Iterator[tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[int]]]:
         """Sublists of one device and dtype each (what the foreach kernels need); one list otherwise."""
         lists = [self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.beta1_prods]
-        if not self.foreach:
+        if not (self.foreach or self.fused):
             yield (*lists, self.steps)
             return
         grouped = Optimizer._group_tensors_by_device_and_dtype(lists, with_indices=True)
@@ -104,6 +115,11 @@ class Adai(Optimizer):
         maximize: ascend instead of descend.
         foreach: use the multi-tensor ``torch._foreach_*`` path; ``None`` picks it whenever every
             parameter is a plain tensor.
+        fused: run each pass as one ``torch.compile``-generated kernel per tensor (see
+            ``adai_lightning.optim._fused``); ``None`` picks it for every device and dtype with at
+            least 2**20 parameter elements (when foreach is not turned off), compiling once per
+            process and warning once if compilation fails; ``True`` requires it (error if it
+            cannot run); ``False`` never uses it.
 
     State per parameter (keys as in the authors' reference implementation, whose checkpoints load):
     ``step`` (int), ``exp_avg`` (m), ``exp_avg_sq`` (v), ``beta1_prod`` (P, per element). The three
@@ -130,8 +146,13 @@ class Adai(Optimizer):
         dampening: float = 1.0,
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         validate_hyperparameters(lr, betas, eps, weight_decay, dampening)
+        if fused not in (None, True, False):
+            raise ValueError(f"Invalid fused: {fused!r}; it must be None, True or False")
+        if fused and foreach:
+            raise ValueError("Invalid fused=True with foreach=True: choose at most one of them")
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -141,6 +162,7 @@ class Adai(Optimizer):
             dampening=dampening,
             maximize=maximize,
             foreach=foreach,
+            fused=fused,
         )
         super().__init__(params, defaults)
         self.last_vbar: Tensor | None = None
@@ -167,6 +189,7 @@ class Adai(Optimizer):
                 group.setdefault(key, False)
             group.setdefault("dampening", 1.0)
             group.setdefault("foreach", None)
+            group.setdefault("fused", None)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load state, keeping it in Adai's own precision (torch would cast it to the parameter's dtype)."""
@@ -227,6 +250,7 @@ class Adai(Optimizer):
         if foreach is None:
             foreach = all(type(p) in _FOREACH_TYPES for p in work.params)
         work.foreach = foreach
+        work.fused = group["fused"] if foreach or group["fused"] else False
         return work
 
     def _global_mean(self, total: Tensor, count: int) -> Tensor:
@@ -248,21 +272,18 @@ class Adai(Optimizer):
         if not works:
             return loss
 
+        plan = [(work.hyper, bucket, work.passes(bucket)) for work in works for bucket in work.buckets()]
         sums = []
-        for work in works:
-            second_moment = F.second_moment_foreach if work.foreach else F.second_moment_single_tensor
-            for params, grads, _, exp_avg_sqs, _, steps in work.buckets():
-                sums.append(second_moment(params, grads, exp_avg_sqs, steps, work.hyper))
+        for hyper, (params, grads, _, exp_avg_sqs, _, steps), (second_moment, _) in plan:
+            sums.append(second_moment(params, grads, exp_avg_sqs, steps, hyper))
         acc_dtype = torch.float64 if any(s.dtype == torch.float64 for s in sums) else torch.float32
         total = torch.stack([s.to(device=sums[0].device, dtype=acc_dtype) for s in sums]).sum()
         count = sum(p.numel() for work in works for p in work.params)
         vbar = self._global_mean(total, count)
         self.last_vbar = vbar
 
-        for work in works:
-            update = F.inertia_update_foreach if work.foreach else F.inertia_update_single_tensor
-            for params, grads, exp_avgs, exp_avg_sqs, beta1_prods, steps in work.buckets():
-                update(params, grads, exp_avgs, exp_avg_sqs, beta1_prods, steps, vbar.to(exp_avgs[0].device), work.hyper)
+        for hyper, (params, grads, exp_avgs, exp_avg_sqs, beta1_prods, steps), (_, update) in plan:
+            update(params, grads, exp_avgs, exp_avg_sqs, beta1_prods, steps, vbar.to(exp_avgs[0].device), hyper)
         return loss
 
     @torch.no_grad()
@@ -303,5 +324,6 @@ class AdaiW(Adai):
         dampening: float = 1.0,
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, decoupled, dampening, maximize, foreach)
+        super().__init__(params, lr, betas, eps, weight_decay, decoupled, dampening, maximize, foreach, fused)

@@ -1,0 +1,99 @@
+"""Training time of the default recipe with none, each and all of the package's callbacks, as ratios.
+
+    PYTHONPATH=. python benchmarks/callback_overhead.py [--configs none each all] [--repeats 3] 2>/dev/null
+
+Each configuration trains ``recipes/default.yaml`` (through :class:`adai_lightning.cli.AdaiCLI`,
+so exactly the recipe's model, data, optimizer and schedule) with the callbacks at their default
+cadence, in a fresh temporary run directory, with the progress bar and model summary off. Only
+``trainer.fit`` is timed. Repeats are interleaved across configurations; the table shows medians
+and the ratio to the run without callbacks (goals: InertiaMonitor <= 1.02, all together <= 1.05).
+Callbacks that ``adai_lightning.callbacks`` does not (yet) provide are listed and left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from adai_lightning.cli import AdaiCLI
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "default.yaml"
+CALLBACKS = ("InertiaMonitor", "HessianSharpness", "SaddleEscapeMonitor")
+
+
+def available_callbacks() -> tuple[list[str], dict[str, str]]:
+    """The callbacks that can be imported, and for the others why not."""
+    try:
+        module = importlib.import_module("adai_lightning.callbacks")
+    except ImportError as error:
+        return [], {name: f"adai_lightning.callbacks cannot be imported ({error})" for name in CALLBACKS}
+    found = [name for name in CALLBACKS if hasattr(module, name)]
+    missing = {name: "not in adai_lightning.callbacks" for name in CALLBACKS if name not in found}
+    return found, missing
+
+
+def configurations(kinds: list[str], found: list[str]) -> dict[str, list[str]]:
+    """Label -> callback class names, for the requested kinds ('none', 'each', 'all')."""
+    configs: dict[str, list[str]] = {}
+    if "none" in kinds:
+        configs["none"] = []
+    if "each" in kinds:
+        configs.update({name: [name] for name in found})
+    if "all" in kinds and len(found) > 1:
+        configs["all (" + " + ".join(found) + ")"] = list(found)
+    return configs
+
+
+def fit_seconds(callbacks: list[str], max_epochs: int | None) -> float:
+    """Wall-clock seconds of ``trainer.fit`` for the default recipe with these callbacks."""
+    with tempfile.TemporaryDirectory() as root:
+        args = [
+            "--config", str(RECIPE),
+            f"--trainer.default_root_dir={root}",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            "--trainer.callbacks=" + json.dumps([{"class_path": f"adai_lightning.callbacks.{n}"} for n in callbacks]),
+        ]
+        if max_epochs is not None:
+            args.append(f"--trainer.max_epochs={max_epochs}")
+        cli = AdaiCLI(args=args, run=False)
+        start = time.perf_counter()
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", default=["none", "each", "all"], choices=["none", "each", "all"])
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats per configuration (median)")
+    parser.add_argument("--max-epochs", type=int, default=None, help="override the recipe's epochs (quick checks)")
+    args = parser.parse_args()
+
+    found, missing = available_callbacks()
+    for name, reason in missing.items():
+        print(f"missing callback {name}: {reason}; left out")
+    configs = configurations(args.configs, found)
+    fit_seconds([], args.max_epochs)  # warm-up: imports, data loading, first-call costs
+    samples: dict[str, list[float]] = {label: [] for label in configs}
+    for _ in range(args.repeats):
+        for label, callbacks in configs.items():
+            samples[label].append(fit_seconds(callbacks, args.max_epochs))
+
+    epochs = args.max_epochs or "recipe's"
+    print(f"\nrecipes/default.yaml, {epochs} epochs, {args.repeats} repeats (median fit seconds)\n")
+    print("| callbacks | fit s | x none |")
+    print("| --- | ---: | ---: |")
+    base = statistics.median(samples["none"]) if "none" in samples else None
+    for label, seconds in samples.items():
+        median = statistics.median(seconds)
+        ratio = f"{median / base:.3f}" if base else "n/a"
+        print(f"| {label} | {median:.2f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
