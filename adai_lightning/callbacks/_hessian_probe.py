@@ -108,6 +108,10 @@ class HessianProbe:
         loader = self.dataloader if self.dataloader is not None else trainer.train_dataloader
         if loader is None:
             raise RuntimeError(f"{self.owner}: no train dataloader to take the evaluation batches from")
+        if getattr(loader, "persistent_workers", False) and getattr(loader, "num_workers", 0) > 0:
+            # iter() on such a loader resets the very iterator the training loop is consuming
+            raise RuntimeError(f"{self.owner}: the train loader has persistent workers; pass dataloader=... "
+                               "(a loader of its own) to take the evaluation batches from")
         batches = []
         for batch in loader:
             batches.append(move_data_to_device(batch, module.device))
