@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from adai_lightning import Adai
 from adai_lightning.callbacks import HessianSharpness, SaddleEscapeMonitor
-from adai_lightning.curvature import HessianOperator, lanczos_extremes
+from adai_lightning.curvature import HessianOperator
 
 
 def make_net_class(base):

@@ -102,3 +102,17 @@ def test_plateau_detector_state_round_trip():
     restored.load_state_dict(detector.state_dict())
     assert restored.state_dict() == detector.state_dict()
     assert detector.escapes == [{"start": 3, "end": 5, "length": 2}]
+
+
+def test_epoch_cadence_and_state_round_trip(tmp_path):
+    loader = DataLoader(TensorDataset(torch.zeros(3, 1)), batch_size=1)
+    callback = SaddleEscapeMonitor(every_n_train_steps=None, every_n_epochs=1, plateau_window=2)
+    module = Saddle([1.0, 0.01], lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), 1.0)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", callbacks=[callback], logger=pl.loggers.CSVLogger(tmp_path),
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, loader)
+    rows = read_metrics(trainer)
+    assert len(column(rows, "saddle/update_drift")) == 2 and column(rows, "saddle/update_drift")[-1][1] > 0
+    restored = SaddleEscapeMonitor(every_n_train_steps=None, every_n_epochs=1, plateau_window=2)
+    restored.load_state_dict(callback.state_dict())
+    assert restored.state_dict() == callback.state_dict() and restored.state_dict()["last_step"] == 6
