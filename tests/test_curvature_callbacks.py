@@ -156,7 +156,9 @@ def test_without_double_backward_warns_once_and_training_continues(tmp_path):
 
 @pytest.mark.parametrize("kwargs,name", [({"top_k": 0}, "top_k"), ({"method": "qr"}, "method"),
                                          ({"num_batches": 0}, "num_batches"), ({"on_error": "ignore"}, "on_error"),
-                                         ({"trace_samples": -1}, "trace_samples")])
+                                         ({"trace_samples": -1}, "trace_samples"),
+                                         ({"trace_method": "exact"}, "trace_method"),
+                                         ({"trace_method": "hutch++", "trace_samples": 2}, "trace_samples")])
 def test_hessian_sharpness_validates_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
         HessianSharpness(**kwargs)
@@ -173,9 +175,11 @@ def test_saddle_monitor_validates_arguments(kwargs, name):
 def test_pytorch_lightning_trainer(tmp_path):
     pytorch_lightning = pytest.importorskip("pytorch_lightning")
     module = make_net_class(pytorch_lightning.LightningModule)()
-    callbacks = [HessianSharpness(every_n_train_steps=2, trace_samples=2), SaddleEscapeMonitor(every_n_train_steps=2)]
+    callbacks = [HessianSharpness(every_n_train_steps=2, trace_samples=3, trace_method="hutch++"),
+                 SaddleEscapeMonitor(every_n_train_steps=2)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = fit(module, callbacks, tmp_path, trainer_module=pytorch_lightning, max_steps=4)
     rows = read_metrics(trainer)
+    assert len(column(rows, "sharpness/trace")) == 2
     assert len(column(rows, "sharpness/lambda_max")) == 2 and len(column(rows, "saddle/lambda_min")) == 2

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from adai_lightning.curvature import (HessianOperator, flatten, hutchinson_trace, lanczos_extremes, power_smallest,
+from adai_lightning.curvature import (HessianOperator, flatten, hutch_plus_plus_trace, hutchinson_trace, lanczos_extremes, power_smallest,
                                       power_top_k, unflatten)
 
 
@@ -78,6 +78,15 @@ def test_hutchinson_trace_within_three_standard_errors(seed):
     estimate = hutchinson_trace(operator, operator.dim, 64, torch.Generator().manual_seed(seed), params[0])
     assert estimate.stderr > 0
     assert abs(estimate.trace - float(torch.trace(dense))) <= 3 * estimate.stderr
+
+
+def test_hutch_plus_plus_within_three_standard_errors_and_exact_on_low_rank():
+    operator, dense, params = _problem(0)
+    estimate = hutch_plus_plus_trace(operator, operator.dim, 60, torch.Generator().manual_seed(0), params[0])
+    assert abs(estimate.trace - float(torch.trace(dense))) <= 3 * estimate.stderr
+    low_rank = torch.outer(torch.arange(1.0, 9.0, dtype=torch.float64), torch.arange(1.0, 9.0, dtype=torch.float64))
+    exact = hutch_plus_plus_trace(lambda v: low_rank @ v, 8, 9, torch.Generator().manual_seed(0), low_rank)
+    assert exact.trace == pytest.approx(float(torch.trace(low_rank)), rel=1e-10)
 
 
 def test_invalid_arguments_are_named():

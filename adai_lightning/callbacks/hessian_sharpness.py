@@ -8,7 +8,10 @@ import lightning.pytorch as pl
 
 from adai_lightning.callbacks._cadence import CadencedCallback, log_scalars
 from adai_lightning.callbacks._hessian_probe import HessianProbe, LossFn, check_choice, check_int
-from adai_lightning.curvature import HessianOperator, hutchinson_trace, lanczos_extremes, power_top_k
+from adai_lightning.curvature import (HessianOperator, hutch_plus_plus_trace, hutchinson_trace, lanczos_extremes,
+                                      power_top_k)
+
+TRACE_ESTIMATORS = {"hutchinson": hutchinson_trace, "hutch++": hutch_plus_plus_trace}
 
 
 class HessianSharpness(CadencedCallback):
@@ -17,7 +20,8 @@ class HessianSharpness(CadencedCallback):
     Keys: ``sharpness/lambda_max``, ``sharpness/lambda_2`` .. ``sharpness/lambda_<top_k>``,
     ``sharpness/lambda_max_x_lr`` (lambda_max times the first optimizer's first param-group lr:
     gradient descent on a quadratic is stable below 2), and with ``trace_samples > 0``
-    ``sharpness/trace`` and ``sharpness/trace_stderr`` (Hutchinson, Rademacher probes).
+    ``sharpness/trace`` and ``sharpness/trace_stderr`` (``trace_method`` "hutchinson" or "hutch++",
+    Rademacher probes; Hutch++ needs ``trace_samples >= 3``).
 
     Cost per cadence point, in Hessian-vector products (each one forward and one double backward
     per batch of the subset): ``lanczos_iters`` (default ``max(20, 3 top_k + 10)``) for Lanczos, at
@@ -28,19 +32,24 @@ class HessianSharpness(CadencedCallback):
     """
 
     def __init__(self, every_n_train_steps: int | None = 100, every_n_epochs: int | None = None, num_batches: int = 1,
-                 top_k: int = 2, method: str = "lanczos", trace_samples: int = 0, lanczos_iters: int | None = None,
+                 top_k: int = 2, method: str = "lanczos", trace_samples: int = 0, trace_method: str = "hutchinson",
+                 lanczos_iters: int | None = None,
                  power_iters: int = 100, dataloader: Any = None, loss_fn: LossFn | None = None,
                  train_mode: bool = False, on_error: str = "warn", seed: int = 0) -> None:
         super().__init__(every_n_train_steps, every_n_epochs)
         check_int("top_k", top_k, 1)
         check_choice("method", method, ("lanczos", "power"))
         check_int("trace_samples", trace_samples, 0)
+        check_choice("trace_method", trace_method, tuple(TRACE_ESTIMATORS))
+        if trace_method == "hutch++" and 0 < trace_samples < 3:
+            raise ValueError(f"Invalid trace_samples: {trace_samples}; trace_method='hutch++' needs 0 or >= 3")
         if lanczos_iters is not None:
             check_int("lanczos_iters", lanczos_iters, top_k)
         check_int("power_iters", power_iters, 1)
         self.top_k = top_k
         self.method = method
         self.trace_samples = trace_samples
+        self.trace_method = trace_method
         self.lanczos_iters = lanczos_iters
         self.power_iters = power_iters
         self.probe = HessianProbe(type(self).__name__, num_batches, dataloader, loss_fn, train_mode, on_error, seed)
@@ -55,7 +64,7 @@ class HessianSharpness(CadencedCallback):
         metrics = {"sharpness/lambda_max": values[0]}
         metrics.update({f"sharpness/lambda_{i}": value for i, value in enumerate(values[1:], start=2)})
         if self.trace_samples:
-            trace = hutchinson_trace(operator, operator.dim, self.trace_samples, generator, like)
+            trace = TRACE_ESTIMATORS[self.trace_method](operator, operator.dim, self.trace_samples, generator, like)
             metrics.update({"sharpness/trace": trace.trace, "sharpness/trace_stderr": trace.stderr})
         return metrics
 
