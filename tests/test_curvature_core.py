@@ -5,8 +5,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from adai_lightning.curvature import (HessianOperator, flatten, hutch_plus_plus_trace, hutchinson_trace, lanczos_extremes, power_smallest,
-                                      power_top_k, unflatten)
+from adai_lightning.curvature import (HessianOperator, flatten, hutch_plus_plus_trace, hutchinson_trace,
+                                      lanczos_extremes, power_smallest, power_top_k, unflatten)
 
 
 def _problem(seed=0):

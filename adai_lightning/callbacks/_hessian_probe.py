@@ -33,6 +33,7 @@ import torch.distributed as dist
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor
 
+from adai_lightning.callbacks._cadence import CadencedCallback
 from adai_lightning.curvature import HessianOperator
 
 LossFn = Callable[[Any, Any], Tensor]
@@ -169,3 +170,19 @@ class HessianProbe:
             warnings.warn(f"{self.owner} disabled itself: the Hessian computation failed ({error}); "
                           "training continues. Pass on_error='raise' to stop instead.", RuntimeWarning, stacklevel=2)
             return None
+
+
+class ProbedCallback(CadencedCallback):
+    """A cadenced callback with a ``HessianProbe``, whose disabled flag is saved in checkpoints."""
+
+    def __init__(self, every_n_train_steps: int | None, every_n_epochs: int | None, num_batches: int,
+                 dataloader: Any, loss_fn: LossFn | None, train_mode: bool, on_error: str, seed: int) -> None:
+        super().__init__(every_n_train_steps, every_n_epochs)
+        self.probe = HessianProbe(type(self).__name__, num_batches, dataloader, loss_fn, train_mode, on_error, seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "disabled": self.probe.disabled}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.probe.disabled = bool(state_dict.get("disabled", False))

@@ -6,15 +6,15 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from adai_lightning.callbacks._cadence import CadencedCallback, log_scalars
-from adai_lightning.callbacks._hessian_probe import HessianProbe, LossFn, check_choice, check_int
+from adai_lightning.callbacks._cadence import log_scalars
+from adai_lightning.callbacks._hessian_probe import LossFn, ProbedCallback, check_choice, check_int
 from adai_lightning.curvature import (HessianOperator, hutch_plus_plus_trace, hutchinson_trace, lanczos_extremes,
                                       power_top_k)
 
 TRACE_ESTIMATORS = {"hutchinson": hutchinson_trace, "hutch++": hutch_plus_plus_trace}
 
 
-class HessianSharpness(CadencedCallback):
+class HessianSharpness(ProbedCallback):
     """Logs the top-``top_k`` Hessian eigenvalues (and optionally the trace) every cadence point.
 
     Keys: ``sharpness/lambda_max``, ``sharpness/lambda_2`` .. ``sharpness/lambda_<top_k>``,
@@ -36,7 +36,8 @@ class HessianSharpness(CadencedCallback):
                  lanczos_iters: int | None = None,
                  power_iters: int = 100, dataloader: Any = None, loss_fn: LossFn | None = None,
                  train_mode: bool = False, on_error: str = "warn", seed: int = 0) -> None:
-        super().__init__(every_n_train_steps, every_n_epochs)
+        super().__init__(every_n_train_steps, every_n_epochs, num_batches, dataloader, loss_fn, train_mode, on_error,
+                         seed)
         check_int("top_k", top_k, 1)
         check_choice("method", method, ("lanczos", "power"))
         check_int("trace_samples", trace_samples, 0)
@@ -52,7 +53,6 @@ class HessianSharpness(CadencedCallback):
         self.trace_method = trace_method
         self.lanczos_iters = lanczos_iters
         self.power_iters = power_iters
-        self.probe = HessianProbe(type(self).__name__, num_batches, dataloader, loss_fn, train_mode, on_error, seed)
 
     def _measure(self, operator: HessianOperator) -> dict[str, float]:
         generator, like = self.probe.generator(), operator.params[0]
@@ -76,10 +76,3 @@ class HessianSharpness(CadencedCallback):
             metrics["sharpness/lambda_max_x_lr"] = metrics["sharpness/lambda_max"] * \
                 float(trainer.optimizers[0].param_groups[0]["lr"])
         log_scalars(trainer, metrics)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "disabled": self.probe.disabled}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.probe.disabled = bool(state_dict.get("disabled", False))

@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from adai_lightning.callbacks._cadence import CadencedCallback, log_scalars
-from adai_lightning.callbacks._hessian_probe import HessianProbe, LossFn, check_choice, check_int
+from adai_lightning.callbacks._cadence import log_scalars
+from adai_lightning.callbacks._hessian_probe import LossFn, ProbedCallback, check_choice, check_int
 from adai_lightning.curvature import HessianOperator, flatten, lanczos, power_smallest, power_top_k
 from adai_lightning.curvature.eigen import random_unit
 
@@ -77,7 +77,7 @@ def _escape_direction(vector: Tensor, gradient: Tensor) -> Tensor:
     return -vector if float(vector[vector.abs().argmax()]) < 0 else vector
 
 
-class SaddleEscapeMonitor(CadencedCallback):
+class SaddleEscapeMonitor(ProbedCallback):
     """Logs saddle indicators every cadence point and plateau-escape events when they happen.
 
     Keys: ``saddle/grad_norm`` (global L2 norm of the gradient used by the last optimizer step),
@@ -105,7 +105,8 @@ class SaddleEscapeMonitor(CadencedCallback):
                  method: str = "lanczos", lanczos_iters: int = 20, power_iters: int = 100, dataloader: Any = None,
                  loss_fn: LossFn | None = None, train_mode: bool = False, on_error: str = "warn",
                  seed: int = 0) -> None:
-        super().__init__(every_n_train_steps, every_n_epochs)
+        super().__init__(every_n_train_steps, every_n_epochs, num_batches, dataloader, loss_fn, train_mode, on_error,
+                         seed)
         check_int("plateau_window", plateau_window, 2)
         if isinstance(plateau_threshold, bool) or not isinstance(plateau_threshold, (int, float)) \
                 or not math.isfinite(plateau_threshold):
@@ -117,7 +118,6 @@ class SaddleEscapeMonitor(CadencedCallback):
         self.lanczos_iters = lanczos_iters
         self.power_iters = power_iters
         self.detector = PlateauDetector(plateau_window, float(plateau_threshold))
-        self.probe = HessianProbe(type(self).__name__, num_batches, dataloader, loss_fn, train_mode, on_error, seed)
         self._batch_idx = -1
         self._grad_norm: float | None = None
         self._params_before: Tensor | None = None
@@ -199,9 +199,8 @@ class SaddleEscapeMonitor(CadencedCallback):
         log_scalars(trainer, metrics)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "plateau": self.detector.state_dict(), "disabled": self.probe.disabled}
+        return {**super().state_dict(), "plateau": self.detector.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.detector.load_state_dict(state_dict.get("plateau", {}))
-        self.probe.disabled = bool(state_dict.get("disabled", False))

@@ -10,5 +10,5 @@ from adai_lightning.curvature.eigen import (EigenPairs, lanczos, lanczos_extreme
 from adai_lightning.curvature.hvp import HessianOperator, flatten, unflatten
 from adai_lightning.curvature.trace import TraceEstimate, hutch_plus_plus_trace, hutchinson_trace
 
-__all__ = ["EigenPairs", "HessianOperator", "TraceEstimate", "flatten", "hutch_plus_plus_trace", "hutchinson_trace", "lanczos",
-           "lanczos_extremes", "power_iteration", "power_smallest", "power_top_k", "unflatten"]
+__all__ = ["EigenPairs", "HessianOperator", "TraceEstimate", "flatten", "hutch_plus_plus_trace", "hutchinson_trace",
+           "lanczos", "lanczos_extremes", "power_iteration", "power_smallest", "power_top_k", "unflatten"]
