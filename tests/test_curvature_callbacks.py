@@ -50,13 +50,13 @@ def digits_like(n=96, seed=0):
     return TensorDataset(torch.randn(n, 6, generator=generator), torch.randint(0, 3, (n,), generator=generator))
 
 
-def fit(module, callbacks, tmp_path, trainer_module=pl, max_steps=8, **loader_kwargs):
+def fit(module, callbacks, tmp_path, trainer_module=pl, max_steps=8, accumulate_grad_batches=1):
     pl.seed_everything(0, workers=True) if trainer_module is pl else trainer_module.seed_everything(0, workers=True)
-    loader = DataLoader(digits_like(), batch_size=16, shuffle=True, **loader_kwargs)
+    loader = DataLoader(digits_like(), batch_size=16, shuffle=True)
     trainer = trainer_module.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, callbacks=callbacks,
                                      logger=trainer_module.loggers.CSVLogger(tmp_path), enable_checkpointing=False,
                                      enable_progress_bar=False, enable_model_summary=False, deterministic=True,
-                                     log_every_n_steps=1)
+                                     log_every_n_steps=1, accumulate_grad_batches=accumulate_grad_batches)
     trainer.fit(module, loader)
     return trainer
 
@@ -87,14 +87,14 @@ def assert_bitwise_equal(first, second):
     assert torch.equal(first[2], second[2])
 
 
-@pytest.mark.parametrize("optimizer,train_mode", [("adai", False), ("sgd", True)])
-def test_callbacks_leave_training_bitwise_unchanged(tmp_path, optimizer, train_mode):
+@pytest.mark.parametrize("optimizer,train_mode,accumulate", [("adai", False, 1), ("sgd", True, 2)])
+def test_callbacks_leave_training_bitwise_unchanged(tmp_path, optimizer, train_mode, accumulate):
     plain = seeded(Net, optimizer)
-    reference = fit(plain, [], tmp_path / "plain")
+    reference = fit(plain, [], tmp_path / "plain", accumulate_grad_batches=accumulate)
     watched = seeded(Net, optimizer)
     callbacks = [HessianSharpness(every_n_train_steps=3, top_k=2, trace_samples=3, num_batches=2, train_mode=train_mode),
                  SaddleEscapeMonitor(every_n_train_steps=2, plateau_window=4, lanczos_iters=6, train_mode=train_mode)]
-    trainer = fit(watched, callbacks, tmp_path / "watched")
+    trainer = fit(watched, callbacks, tmp_path / "watched", accumulate_grad_batches=accumulate)
     assert_bitwise_equal(snapshot(reference, plain), snapshot(trainer, watched))
     rows = read_metrics(trainer)
     assert column(rows, "train_loss") == column(read_metrics(reference), "train_loss")
