@@ -1,0 +1,206 @@
+"""``SaddleEscapeMonitor``: is training stuck near a saddle, and is the optimizer leaving it?"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from adai_lightning.callbacks._cadence import log_scalars
+from adai_lightning.callbacks._hessian_probe import LossFn, ProbedCallback, check_choice, check_int
+from adai_lightning.curvature import HessianOperator, flatten, lanczos, power_smallest, power_top_k
+from adai_lightning.curvature.eigen import random_unit
+
+MOMENTUM_KEYS = ("exp_avg", "momentum_buffer")
+
+
+class PlateauDetector:
+    """Windowed relative improvement of the training loss.
+
+    Over the last ``window`` losses, ``improvement = (mean(older half) - mean(newer half)) /
+    |mean(older half)|``; the run is on a plateau while the window is full and the improvement is
+    below ``threshold``.  A plateau starts at the step the condition first holds and ends at the
+    step it first fails; both are detected with a lag of about ``window / 2`` steps, so the
+    length ``end - start`` is not biased by it.
+    """
+
+    def __init__(self, window: int, threshold: float) -> None:
+        self.window = window
+        self.threshold = threshold
+        self.losses: deque[float] = deque(maxlen=window)
+        self.start: int | None = None
+        self.escapes: list[dict[str, int]] = []
+
+    def update(self, step: int, loss: float) -> dict[str, int] | None:
+        """Add the loss of ``step``; return the escape event ``{start, end, length}`` if one ends here."""
+        self.losses.append(loss)
+        if len(self.losses) < self.window:
+            return None
+        half = self.window // 2
+        values = list(self.losses)
+        older, newer = sum(values[:half]) / half, sum(values[-half:]) / half
+        flat = (older - newer) / max(abs(older), 1e-12) < self.threshold
+        if flat and self.start is None:
+            self.start = step
+        elif not flat and self.start is not None:
+            event = {"start": self.start, "end": step, "length": step - self.start}
+            self.escapes.append(event)
+            self.start = None
+            return event
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"losses": list(self.losses), "start": self.start, "escapes": list(self.escapes)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.losses = deque(state.get("losses", []), maxlen=self.window)
+        self.start = state.get("start")
+        self.escapes = list(state.get("escapes", []))
+
+
+def _cosine(a: Tensor, b: Tensor) -> float:
+    denominator = float(a.norm() * b.norm())
+    return float(torch.dot(a, b)) / denominator if denominator > 0 else 0.0
+
+
+def _escape_direction(vector: Tensor, gradient: Tensor) -> Tensor:
+    """Orient a unit eigenvector so that moving along it lowers the loss to first order
+    (``<v, grad> <= 0``); at a critical point, so that its largest-magnitude entry is positive."""
+    slope = float(torch.dot(vector, gradient))
+    if abs(slope) > 1e-12 * float(gradient.norm() + 1e-30):
+        return -vector if slope > 0 else vector
+    return -vector if float(vector[vector.abs().argmax()]) < 0 else vector
+
+
+class SaddleEscapeMonitor(ProbedCallback):
+    """Logs saddle indicators every cadence point and plateau-escape events when they happen.
+
+    Keys: ``saddle/grad_norm`` (global L2 norm of the gradient used by the last optimizer step),
+    ``saddle/lambda_min`` (most negative Hessian eigenvalue on the fixed subset),
+    ``saddle/negative_ratio`` (``|lambda_min| / lambda_max`` if ``lambda_min < 0``, else 0),
+    ``saddle/momentum_drift`` (cosine between the momentum's update direction ``-m`` and the escape
+    direction), ``saddle/update_drift`` (cosine between the last parameter update and it),
+    ``saddle/plateau`` (1.0 on a plateau, else 0.0), and at the step a plateau ends
+    ``saddle/escape_steps`` (its length in steps) and ``saddle/escapes`` (count so far).
+
+    The escape direction is the lambda_min eigenvector oriented so that the loss decreases along it
+    (see :func:`_escape_direction`): a positive drift means the optimizer is moving out of the
+    saddle along its most negative curvature.  The momentum is the optimizer state ``exp_avg``
+    (Adai, Adam) or ``momentum_buffer`` (SGD); the key is omitted when there is none.
+
+    Cost per cadence point: ``lanczos_iters`` Hessian-vector products (Lanczos gives lambda_min and
+    lambda_max from one run) or up to ``3 * power_iters`` with power iteration, plus one gradient
+    on the subset; one copy of the parameters taken just before the optimizer step that precedes a
+    cadence point (for ``update_drift``); the plateau detector costs one scalar per step (one
+    all-reduce of it under DDP, so every rank sees the same plateaus).
+    """
+
+    def __init__(self, every_n_train_steps: int | None = 50, every_n_epochs: int | None = None,
+                 plateau_window: int = 50, plateau_threshold: float = 0.01, num_batches: int = 1,
+                 method: str = "lanczos", lanczos_iters: int = 20, power_iters: int = 100, dataloader: Any = None,
+                 loss_fn: LossFn | None = None, train_mode: bool = False, on_error: str = "warn",
+                 seed: int = 0) -> None:
+        super().__init__(every_n_train_steps, every_n_epochs, num_batches, dataloader, loss_fn, train_mode, on_error,
+                         seed)
+        check_int("plateau_window", plateau_window, 2)
+        if isinstance(plateau_threshold, bool) or not isinstance(plateau_threshold, (int, float)) \
+                or not math.isfinite(plateau_threshold):
+            raise ValueError(f"Invalid plateau_threshold: {plateau_threshold!r}; it must be a finite number")
+        check_choice("method", method, ("lanczos", "power"))
+        check_int("lanczos_iters", lanczos_iters, 2)
+        check_int("power_iters", power_iters, 1)
+        self.method = method
+        self.lanczos_iters = lanczos_iters
+        self.power_iters = power_iters
+        self.detector = PlateauDetector(plateau_window, float(plateau_threshold))
+        self._batch_idx = -1
+        self._grad_norm: float | None = None
+        self._params_before: Tensor | None = None
+
+    # -- per-step hooks -------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._batch_idx = batch_idx
+
+    def _cadence_follows(self, trainer: pl.Trainer) -> bool:
+        """Whether the optimizer step about to run is followed by a cadence point."""
+        step = trainer.global_step + 1
+        by_steps = bool(self.every_n_train_steps) and step % self.every_n_train_steps == 0
+        last_batch = self._batch_idx + 1 >= trainer.num_training_batches
+        by_epochs = bool(self.every_n_epochs) and last_batch and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        return by_steps or by_epochs
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if not self._cadence_follows(trainer):
+            return
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        self._grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) \
+            if grads else 0.0
+        self._params_before = flatten([p.detach() for p in pl_module.parameters() if p.requires_grad]).clone()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if isinstance(loss, Tensor):
+            loss = loss.detach().float().reshape(())
+            if dist.is_available() and dist.is_initialized():
+                loss = loss.clone()
+                dist.all_reduce(loss)
+                loss /= dist.get_world_size()
+            event = self.detector.update(trainer.global_step, float(loss))
+            if event is not None:
+                log_scalars(trainer, {"saddle/escape_steps": float(event["length"]),
+                                      "saddle/escapes": float(len(self.detector.escapes))})
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    # -- cadence point --------------------------------------------------------------------------
+    def _extremes(self, operator: HessianOperator) -> tuple[float, float, Tensor, Tensor]:
+        generator, like = self.probe.generator(), operator.params[0]
+        if self.method == "lanczos":
+            pairs = lanczos(operator, random_unit(operator.dim, generator, like), self.lanczos_iters)
+            lambda_max, lambda_min, vector = float(pairs.values[-1]), float(pairs.values[0]), pairs.vectors[0]
+        else:
+            lambda_max = float(power_top_k(operator, operator.dim, 1, generator, like, self.power_iters).values[0])
+            low = power_smallest(operator, operator.dim, generator, like, self.power_iters)
+            lambda_min, vector = float(low.values[0]), low.vectors[0]
+        return lambda_min, lambda_max, vector, operator.gradient()
+
+    def _momentum(self, trainer: pl.Trainer, params: list[Tensor]) -> Tensor | None:
+        state = trainer.optimizers[0].state if trainer.optimizers else {}
+        buffers = [next((state.get(p, {})[k] for k in MOMENTUM_KEYS if k in state.get(p, {})), None) for p in params]
+        if all(b is None for b in buffers):
+            return None
+        return flatten([torch.zeros_like(p) if b is None else b.to(p.dtype) for b, p in zip(buffers, params)])
+
+    def on_cadence(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        metrics = {"saddle/plateau": float(self.detector.start is not None)}
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+        if self._grad_norm is not None:
+            metrics["saddle/grad_norm"] = self._grad_norm
+        result = self.probe.run(trainer, pl_module, self._extremes)
+        if result is not None:
+            lambda_min, lambda_max, vector, gradient = result
+            direction = _escape_direction(vector, gradient)
+            metrics["saddle/lambda_min"] = lambda_min
+            metrics["saddle/negative_ratio"] = abs(lambda_min) / lambda_max if lambda_min < 0 < lambda_max else \
+                (math.inf if lambda_min < 0 else 0.0)
+            momentum = self._momentum(trainer, params)
+            if momentum is not None:
+                metrics["saddle/momentum_drift"] = _cosine(-momentum, direction)
+            if self._params_before is not None:
+                update = flatten([p.detach() for p in params]) - self._params_before
+                metrics["saddle/update_drift"] = _cosine(update, direction)
+        self._grad_norm = self._params_before = None
+        log_scalars(trainer, metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "plateau": self.detector.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.detector.load_state_dict(state_dict.get("plateau", {}))

@@ -1,0 +1,14 @@
+"""Curvature of a training loss from Hessian-vector products (pure torch, no Lightning).
+
+``HessianOperator`` gives ``v -> H v`` by double backward over a fixed list of batches;
+``lanczos_extremes`` / ``power_top_k`` / ``power_smallest`` find extreme eigenpairs;
+``hutchinson_trace`` / ``hutch_plus_plus_trace`` estimate the trace with a standard error.
+"""
+
+from adai_lightning.curvature.eigen import (EigenPairs, lanczos, lanczos_extremes, power_iteration, power_smallest,
+                                            power_top_k)
+from adai_lightning.curvature.hvp import HessianOperator, flatten, unflatten
+from adai_lightning.curvature.trace import TraceEstimate, hutch_plus_plus_trace, hutchinson_trace
+
+__all__ = ["EigenPairs", "HessianOperator", "TraceEstimate", "flatten", "hutch_plus_plus_trace", "hutchinson_trace",
+           "lanczos", "lanczos_extremes", "power_iteration", "power_smallest", "power_top_k", "unflatten"]

@@ -1,0 +1,33 @@
+"""HessianSharpness under 2-process CPU DDP equals the single-process value on the same data."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parent / "scripts" / "curvature_ddp_fit.py"
+DDP_VARIABLES = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK")
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_lambda_max_equals_single_process(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in DDP_VARIABLES}
+    env["MASTER_PORT"] = str(free_port())
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    out = tmp_path / "result.json"
+    completed = subprocess.run([sys.executable, str(SCRIPT), str(out), str(tmp_path)], env=env, timeout=240,
+                               capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert len(result["logged"]) == 1
+    assert result["logged"][0] == pytest.approx(result["reference"], rel=1e-4)
