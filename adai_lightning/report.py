@@ -89,7 +89,7 @@ def find_metrics(run_dir: Path) -> list[Path]:
     return [fit, *later_tests]
 
 
-def _missing(ax, what: str) -> None:
+def missing_panel(ax, what: str) -> None:
     ax.text(0.5, 0.5, f"not logged:\n{what}", ha="center", va="center", color="0.45", transform=ax.transAxes)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -109,7 +109,7 @@ def plot_loss(ax, metrics: Metrics) -> None:
     keys = {"train/loss_step": "train (step)", "train/loss_epoch": "train (epoch)", "train/loss": "train",
             "val/loss": "val", "test/loss": "test"}
     if not _plot_keys(ax, metrics, keys):
-        return _missing(ax, "train/loss, val/loss")
+        return missing_panel(ax, "train/loss, val/loss")
     ax.set_yscale("log")
     ax.set_title("Loss")
     ax.legend(fontsize=8)
@@ -118,7 +118,7 @@ def plot_loss(ax, metrics: Metrics) -> None:
 def plot_accuracy(ax, metrics: Metrics) -> None:
     keys = {"train/acc": "train", "val/acc": "val", "test/acc": "test"}
     if not _plot_keys(ax, metrics, keys):
-        return _missing(ax, "train/acc, val/acc")
+        return missing_panel(ax, "train/acc, val/acc")
     ax.set_title("Accuracy")
     ax.legend(fontsize=8)
 
@@ -139,7 +139,7 @@ def band_scopes(metrics: Metrics) -> tuple[str, list[str]]:
 def plot_inertia(ax, metrics: Metrics) -> None:
     prefix, names = band_scopes(metrics)
     if not names:
-        return _missing(ax, "inertia/.../q05..q95 (InertiaMonitor)")
+        return missing_panel(ax, "inertia/.../q05..q95 (InertiaMonitor)")
     colors = [f"C{i}" for i in range(len(names))]
     for name, color in zip(names, colors):
         key = f"{prefix}{name}/"
@@ -157,7 +157,7 @@ def plot_inertia(ax, metrics: Metrics) -> None:
 
 def plot_sharpness(ax, metrics: Metrics) -> None:
     if not metrics.has("sharpness/lambda_max"):
-        return _missing(ax, "sharpness/lambda_max (HessianSharpness)")
+        return missing_panel(ax, "sharpness/lambda_max (HessianSharpness)")
     x, lam = metrics.xy("sharpness/lambda_max")
     ax.plot(x, lam, color="C0", marker=".", label="lambda_max")
     if metrics.has("sharpness/lambda_2"):
@@ -190,7 +190,7 @@ def plateau_spans(steps: list[float], flags: list[float]) -> list[tuple[float, f
 
 def plot_saddle(ax, metrics: Metrics) -> None:
     if not metrics.has("saddle/grad_norm"):
-        return _missing(ax, "saddle/grad_norm (SaddleEscapeMonitor)")
+        return missing_panel(ax, "saddle/grad_norm (SaddleEscapeMonitor)")
     x, norm = metrics.xy("saddle/grad_norm")
     ax.plot(x, norm, color="C0", label="grad norm")
     if all(v > 0 for v in norm):
@@ -248,16 +248,26 @@ def render(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, Path]:
     fig.savefig(png, dpi=90)
     plt.close(fig)
     page = out_dir / "report.html"
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>" for k, v in facts.items())
+    rows = [(k, f"{v:.4g}") for k, v in facts.items()]
+    write_html(page, f"adai-lightning report: {run_dir}",
+               f"<p>Logs: {html.escape(', '.join(map(str, sources)))}</p>" + html_table(("metric", "final"), rows), png)
+    return png, page
+
+
+def html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    cells = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table border='1' cellpadding='4' style='border-collapse:collapse'><tr>{cells}</tr>{body}</table>"
+
+
+def write_html(page: Path, title: str, body: str, png: Path) -> None:
+    """A self-contained page: ``body`` (HTML) and the PNG embedded as base64."""
     encoded = base64.b64encode(png.read_bytes()).decode("ascii")
     page.write_text(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(str(run_dir))}</title></head>"
-        f"<body style='font-family:sans-serif'><h1>adai-lightning report</h1>"
-        f"<p>Run: {html.escape(str(run_dir))}<br>Logs: {html.escape(', '.join(map(str, sources)))}</p>"
-        f"<table border='1' cellpadding='4'>{rows}</table>"
-        f"<img alt='report' style='max-width:100%' src='data:image/png;base64,{encoded}'></body></html>"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
+        f"<body style='font-family:sans-serif'><h1>{html.escape(title)}</h1>{body}"
+        f"<img alt='plots' style='max-width:100%' src='data:image/png;base64,{encoded}'></body></html>"
     )
-    return png, page
 
 
 def main(args: Sequence[str] | None = None) -> None:

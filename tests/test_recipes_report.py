@@ -8,7 +8,6 @@ import csv
 import math
 
 import pytest
-from recipe_helpers import run_cli, runnable_recipe
 
 from adai_lightning import report
 from adai_lightning.cli import main
@@ -95,18 +94,6 @@ def test_report_merges_a_later_test_only_csv_and_ignores_older_runs(tmp_path):
     assert report.find_metrics(tmp_path) == [fit, test]
     with pytest.raises(FileNotFoundError, match="No metrics.csv"):
         report.find_metrics(tmp_path / "csv" / "nowhere")
-
-
-@pytest.mark.slow
-def test_report_of_a_real_default_run(tmp_path):
-    recipe = runnable_recipe("default.yaml", tmp_path, {"trainer.max_epochs": 2})
-    run_cli("fit", "--config", str(recipe))
-    run_cli("test", "--config", str(recipe), "--ckpt_path", str(tmp_path / "run" / "checkpoints" / "last.ckpt"))
-    run_cli("report", str(tmp_path / "run"))
-    metrics = report.Metrics.read(report.find_metrics(tmp_path / "run"))
-    assert metrics.has("train/loss_step") and metrics.has("val/acc") and metrics.has("test/acc")
-    assert metrics.last("test/acc") > 0.5
-    assert (tmp_path / "run" / "report.png").stat().st_size > 10_000
 
 
 def test_plateau_spans_end_at_the_next_sample():
