@@ -31,16 +31,20 @@ class Metrics:
     @classmethod
     def read(cls, paths: Sequence[Path]) -> Metrics:
         series: dict[str, list[tuple[float, float]]] = {}
-        for path in paths:
+        last_step = 0.0
+        for index, path in enumerate(paths):
             with open(path, newline="") as handle:
                 for row in csv.DictReader(handle):
                     step = _number(row.get("step"))
                     if step is None:
                         continue
+                    if index > 0:  # a later test of the final checkpoint: place it at the end of training
+                        step = max(step, last_step)
                     for key, text in row.items():
                         value = _number(text)
                         if key not in ("step", "epoch") and value is not None:
                             series.setdefault(key, []).append((step, value))
+            last_step = max((p[-1][0] for p in series.values() if p), default=0.0)
         for points in series.values():
             points.sort()
         return cls(series)
@@ -143,7 +147,7 @@ def plot_inertia(ax, metrics: Metrics) -> None:
     colors = [f"C{i}" for i in range(len(names))]
     for name, color in zip(names, colors):
         key = f"{prefix}{name}/"
-        for low, high, alpha in QUANTILE_BANDS:
+        for low, high, alpha in QUANTILE_BANDS[-1:] if len(names) > 2 else QUANTILE_BANDS:
             if metrics.has(key + low) and metrics.has(key + high):
                 x, lo = metrics.xy(key + low)
                 _, hi = metrics.xy(key + high)
@@ -151,7 +155,8 @@ def plot_inertia(ax, metrics: Metrics) -> None:
         x, median = metrics.xy(key + "q50")
         ax.plot(x, median, color=color, label=name, linewidth=1.5)
     ax.set_ylim(-0.02, 1.02)
-    ax.set_title("beta1 per layer: median, q25-q75, q05-q95")
+    outer = ", q05-q95" if len(names) <= 2 else ""
+    ax.set_title(f"beta1 per layer: median, q25-q75{outer}")
     ax.legend(fontsize=7, loc="lower right")
 
 

@@ -92,6 +92,10 @@ def test_report_merges_a_later_test_only_csv_and_ignores_older_runs(tmp_path):
         import os
         os.utime(path, (1_000_000 + age, 1_000_000 + age))
     assert report.find_metrics(tmp_path) == [fit, test]
+    write_csv(test, [{"step": 0, "epoch": 14, "test/acc": 0.97}])  # Lightning's test logs at step 0
+    assert report.Metrics.read([fit, test]).xy("test/acc") == ([0.0], [0.97])
+    write_csv(fit, [{"step": 0, "train/loss_step": 1.0}, {"step": 299, "train/loss_step": 0.5}])
+    assert report.Metrics.read([fit, test]).xy("test/acc") == ([299.0], [0.97])  # placed at the end of training
     with pytest.raises(FileNotFoundError, match="No metrics.csv"):
         report.find_metrics(tmp_path / "csv" / "nowhere")
 
