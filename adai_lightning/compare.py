@@ -1,7 +1,7 @@
 """``adai-lightning compare --config RECIPE --optimizers Adai,SGD,Adam --seeds 3 [CLI overrides ...]``.
 
 Runs the recipe once per optimizer and seed, one after the other, each in its own directory
-``OUT/<optimizer>_seed<k>`` (a ``fit``, then a ``test`` of the last checkpoint when the recipe saves one),
+``OUT/<optimizer>_seed<k>`` (a ``fit``, then a ``test`` of the checkpoint it saved, if any),
 then writes ``compare.md`` (mean +- std over seeds of the final test metric and of the final
 lambda_max, when logged), ``compare.png`` (overlaid curves) and ``compare.html`` (both, self-contained).
 
@@ -50,17 +50,21 @@ def progress(done: int, total: int, label: str, started: float) -> None:
 
 
 def run_one(recipe: Path, run_dir: Path, seed: int, extra: list[str]) -> None:
-    """``fit`` then (when a last checkpoint exists) ``test``; output goes to ``run_dir/run.log``."""
+    """``fit``, then ``test`` of the newest checkpoint the fit saved; output goes to ``run_dir/run.log``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     common = ["--config", str(recipe), "--seed_everything", str(seed), "--trainer.default_root_dir", str(run_dir),
               *extra]
     with open(run_dir / "run.log", "w") as log:
-        for command in (["fit", *common], ["test", *common, "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")]):
-            if command[0] == "test" and not (run_dir / "checkpoints" / "last.ckpt").exists():
-                break
-            proc = subprocess.run([sys.executable, "-m", "adai_lightning", *command], stdout=log, stderr=subprocess.STDOUT)
-            if proc.returncode != 0:
-                raise RuntimeError(f"adai-lightning {' '.join(command)} failed (exit {proc.returncode}); see {log.name}")
+        _run_cli(["fit", *common], log)
+        checkpoints = sorted(run_dir.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if checkpoints:
+            _run_cli(["test", *common, "--ckpt_path", str(checkpoints[-1])], log)
+
+
+def _run_cli(command: list[str], log) -> None:
+    proc = subprocess.run([sys.executable, "-m", "adai_lightning", *command], stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"adai-lightning {' '.join(command)} failed (exit {proc.returncode}); see {log.name}")
 
 
 def final_values(run_dir: Path) -> tuple[report.Metrics, dict[str, float | None]]:

@@ -24,13 +24,12 @@ def importable(class_path: str) -> bool:
         return False
 
 
-def runnable_recipe(name: str, tmp_path: Path, overrides: dict | None = None, drop: tuple[str, ...] = ()) -> Path:
-    """Copy ``recipes/<name>`` into ``tmp_path`` without its non-importable callbacks and those whose
-    class name is in ``drop``; ``overrides`` maps dotted keys to new values. Returns the copy's path."""
+def runnable_recipe(name: str, tmp_path: Path, overrides: dict | None = None) -> Path:
+    """Copy ``recipes/<name>`` into ``tmp_path`` without its non-importable callbacks; ``overrides`` maps
+    dotted keys to new values. Returns the copy's path."""
     config = yaml.safe_load((RECIPES / name).read_text())
     trainer = config["trainer"]
-    trainer["callbacks"] = [c for c in trainer.get("callbacks") or []
-                            if importable(c["class_path"]) and c["class_path"].rpartition(".")[2] not in drop]
+    trainer["callbacks"] = [c for c in trainer.get("callbacks") or [] if importable(c["class_path"])]
     trainer["default_root_dir"] = str(tmp_path / "run")
     for dotted, value in (overrides or {}).items():
         node = config

@@ -32,7 +32,7 @@ def test_small_initialisation_starts_next_to_the_origin_saddle():
 
 
 def test_saddle_recipe_trains_from_its_yaml(tmp_path):
-    recipe = runnable_recipe("saddle_deep_linear.yaml", tmp_path, drop=("ModelCheckpoint",))
+    recipe = runnable_recipe("saddle_deep_linear.yaml", tmp_path)
     cli = AdaiCLI(args=["--config", str(recipe), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "20",
                         "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false"], run=False)
     before = [p.detach().clone() for p in cli.model.parameters()]
