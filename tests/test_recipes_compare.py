@@ -24,7 +24,8 @@ def test_compare_two_optimizers_on_the_default_recipe(tmp_path):
     recipe = runnable_recipe("default.yaml", tmp_path)
     proc = run_cli("compare", "--config", str(recipe), "--optimizers", "Adai,SGD", "--seeds", "1",
                    "--out", str(tmp_path / "cmp"), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
-                   "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false")
+                   "--trainer.limit_val_batches", "2", "--trainer.log_every_n_steps", "1",
+                   "--trainer.enable_progress_bar", "false")
     assert "2/2 done" in proc.stdout
     table = (tmp_path / "cmp" / "compare.md").read_text().splitlines()
     assert table[2].startswith("| Adai | test/acc |") and table[3].startswith("| SGD | test/acc |")
