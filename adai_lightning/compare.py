@@ -99,7 +99,9 @@ def summarise(results: dict[str, list[tuple[report.Metrics, dict]]], out: Path) 
         for color, (name, runs) in enumerate(results.items()):
             for i, (metrics, _) in enumerate(runs):
                 if metrics.has(key):
-                    ax.plot(*metrics.xy(key), color=f"C{color}", alpha=0.8, label=name if i == 0 else None)
+                    x, y = metrics.xy(key)
+                    ax.plot(x, y, color=f"C{color}", alpha=0.8, marker="o" if len(x) < 3 else None,
+                            label=name if i == 0 else None)
         if ax.lines:
             ax.legend(fontsize=8)
             ax.set_yscale("log" if "loss" in key or "lambda" in key else "linear")
