@@ -2,6 +2,7 @@
 
 ``adai-lightning fit --config recipes/default.yaml --optimizer Adai --optimizer.lr 0.5`` works as in any
 LightningCLI (``fit``, ``validate``, ``test``, ``predict``), with omegaconf interpolation in configs.
+``adai-lightning report RUN_DIR`` and ``adai-lightning compare --config RECIPE ...`` render a run's logs.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
 import adai_lightning  # noqa: F401  (registers Adai and AdaiW as torch optimizers for the parser)
@@ -34,11 +36,25 @@ class AdaiCLI(LightningCLI):
 
     def __init__(self, *args, **kwargs) -> None:
         parser_kwargs = kwargs.pop("parser_kwargs", None) or {}
-        parser_kwargs.setdefault("parser_mode", "omegaconf")
+        # "omegaconf+" resolves ${...} interpolations after the command line is merged, so that
+        # ``--trainer.default_root_dir X`` also moves the loggers whose save_dir interpolates it.
+        # Absolute paths (``${trainer.max_epochs}``) are made relative, so they work under a subcommand.
+        parser_kwargs.setdefault("parser_mode", "omegaconf+")
+        set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
 
 
 def main(args: Sequence[str] | None = None) -> None:
-    """Entry point of the ``adai-lightning`` console script."""
-    AdaiCLI(args=qualify_optimizer_names(sys.argv[1:] if args is None else args))
+    """Entry point of the ``adai-lightning`` console script.
+
+    ``report`` and ``compare`` are our own subcommands (see ``adai_lightning.report`` and
+    ``adai_lightning.compare``); everything else goes to the LightningCLI.
+    """
+    args = list(sys.argv[1:] if args is None else args)
+    if args and args[0] in ("report", "compare"):
+        from importlib import import_module
+
+        import_module(f"adai_lightning.{args[0]}").main(args[1:])
+        return
+    AdaiCLI(args=qualify_optimizer_names(args))

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
+
+from adai_lightning.recipes._base import SplitDataModule
 
 
-class DigitsDataModule(pl.LightningDataModule):
+class DigitsDataModule(SplitDataModule):
     """The UCI handwritten digits as ``(N, 1, 8, 8)`` float images in [0, 1] with labels 0..9.
 
     A fixed, seeded split into train / val / test (``val_fraction`` and ``test_fraction`` of the
@@ -19,16 +20,13 @@ class DigitsDataModule(pl.LightningDataModule):
 
     def __init__(self, batch_size: int = 64, val_fraction: float = 0.15, test_fraction: float = 0.15,
                  split_seed: int = 0, num_workers: int = 0) -> None:
-        super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"Invalid batch_size: {batch_size}; it must be >= 1")
+        super().__init__(batch_size, num_workers)
         if not (0 < val_fraction and 0 < test_fraction and val_fraction + test_fraction < 1):
             raise ValueError(
                 f"Invalid val_fraction={val_fraction}, test_fraction={test_fraction}: both must be > 0 "
                 "and their sum < 1"
             )
         self.save_hyperparameters()
-        self.splits: dict[str, TensorDataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -43,16 +41,3 @@ class DigitsDataModule(pl.LightningDataModule):
         n_test = int(len(labels) * self.hparams.test_fraction)
         parts = {"val": order[:n_val], "test": order[n_val:n_val + n_test], "train": order[n_val + n_test:]}
         self.splits = {name: TensorDataset(images[idx], labels[idx]) for name, idx in parts.items()}
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.splits[split], batch_size=self.hparams.batch_size, shuffle=shuffle,
-                          num_workers=self.hparams.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
