@@ -32,7 +32,11 @@ def qualify_optimizer_names(args: Sequence[str]) -> list[str]:
 
 
 class AdaiCLI(LightningCLI):
-    """LightningCLI with omegaconf interpolation on and a config saved per run (overwriting allowed)."""
+    """LightningCLI with omegaconf interpolation on and a config saved per run (overwriting allowed).
+
+    ``fit --test_after_fit true`` (set in ``recipes/default.yaml``) tests the final weights on the
+    data module's test split right after training, so one command gives the test metrics.
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         parser_kwargs = kwargs.pop("parser_kwargs", None) or {}
@@ -43,6 +47,14 @@ class AdaiCLI(LightningCLI):
         set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--test_after_fit", type=bool, default=False,
+                            help="After fit, run test with the final weights (fit only).")
+
+    def after_fit(self) -> None:
+        if self.config[self.subcommand].get("test_after_fit"):
+            self.trainer.test(self.model, datamodule=self.datamodule)
 
 
 def main(args: Sequence[str] | None = None) -> None:
