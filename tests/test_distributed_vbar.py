@@ -47,3 +47,15 @@ def test_ddp_zero_fsdp2_match_single_process(tmp_path):
 def test_invalid_sharding_is_named():
     with pytest.raises(ValueError, match="sharding: 'zero'"):
         Adai([torch.zeros(2, requires_grad=True)], sharding="zero")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_lightning_cli_strategies_match_single_process(tmp_path, strategy):
+    """``adai_lightning.cli`` with ``strategy="ddp"`` and ``ModelParallelStrategy`` + ``fully_shard``.
+
+    Under FSDP2 this also checks the CLI's lazy optimizer: one built before ``configure_model``
+    would hold stale parameters and leave the model untrained (deviation ~0.5).
+    """
+    deviations = run_script("distributed_lightning.py", tmp_path, strategy)
+    assert deviations[strategy] <= TOLERANCE, deviations
