@@ -36,9 +36,9 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
             for _ in range(STEPS)]
 
 
-def train(model: nn.Module, optimizer: torch.optim.Optimizer, rank: int, world: int) -> None:
-    """``STEPS`` steps of mean-squared error on this rank's slice of every global batch."""
-    for x, y in batches():
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, rank: int, world: int, steps=slice(None)) -> None:
+    """Steps of mean-squared error (all ``STEPS`` by default) on this rank's slice of every global batch."""
+    for x, y in batches()[steps]:
         part = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
         optimizer.zero_grad()
         nn.functional.mse_loss(model(x[part]), y[part]).backward()
@@ -88,7 +88,88 @@ def run_fsdp2(sharding: str) -> nn.Module:
     return model
 
 
+HALF = slice(None, STEPS // 2)
+
+
+def resume_single_process(model: nn.Module, load_state) -> nn.Module:
+    """A plain copy of ``model`` whose Adai gets its state from ``load_state`` and runs the remaining steps."""
+    plain = make_model()
+    with torch.no_grad():
+        for target, source in zip(plain.parameters(), full_params(model)):
+            target.copy_(source)
+    optimizer = Adai(plain.parameters(), **HYPER)
+    load_state(plain, optimizer)
+    train(plain, optimizer, rank=0, world=1, steps=slice(STEPS // 2, None))
+    return plain
+
+
+def zero_checkpoint() -> nn.Module:
+    """Half the steps under ZeRO, the consolidated state saved, the rest in one process from it."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    model = nn.parallel.DistributedDataParallel(make_model())
+    optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=Adai, sharding="partitioned", **HYPER)
+    train(model, optimizer, dist.get_rank(), WORLD, HALF)
+    optimizer.consolidate_state_dict(to=0)
+    state = [optimizer.state_dict() if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(state, src=0)
+    return resume_single_process(model.module, lambda _, opt: opt.load_state_dict(state[0]))
+
+
+def fsdp2_checkpoint() -> nn.Module:
+    """Half the steps under FSDP2, the full optimizer state gathered, the rest in one process from it."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict)
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    fully_shard(model)
+    optimizer = Adai(model.parameters(), **HYPER)
+    train(model, optimizer, dist.get_rank(), WORLD, HALF)
+    full = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+    return resume_single_process(model, lambda plain, opt: set_optimizer_state_dict(plain, opt, full))
+
+
+def single_process_half() -> tuple[nn.Module, Adai]:
+    """Half the steps in one process (every rank computes the same), for resuming under sharding."""
+    model = make_model()
+    optimizer = Adai(model.parameters(), **HYPER)
+    train(model, optimizer, rank=0, world=1, steps=HALF)
+    return model, optimizer
+
+
+def zero_from_single_process() -> nn.Module:
+    """A single-process checkpoint loaded into ZeRO (each rank keeps its partition), the rest sharded."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    plain, plain_optimizer = single_process_half()
+    model = nn.parallel.DistributedDataParallel(plain)
+    optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=Adai, sharding="partitioned", **HYPER)
+    optimizer.load_state_dict(plain_optimizer.state_dict())
+    train(model, optimizer, dist.get_rank(), WORLD, slice(STEPS // 2, None))
+    return model.module
+
+
+def fsdp2_from_single_process() -> nn.Module:
+    """A single-process checkpoint loaded into FSDP2 (state sharded on load), the rest sharded."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict)
+    from torch.distributed.fsdp import fully_shard
+
+    model, plain_optimizer = single_process_half()
+    full = get_optimizer_state_dict(model, plain_optimizer)
+    fully_shard(model)
+    optimizer = Adai(model.parameters(), **HYPER)
+    set_optimizer_state_dict(model, optimizer, full, options=StateDictOptions(full_state_dict=True))
+    train(model, optimizer, dist.get_rank(), WORLD, slice(STEPS // 2, None))
+    return model
+
+
 SCENARIOS = {
+    "zero_from_single_process": zero_from_single_process,
+    "fsdp2_from_single_process": fsdp2_from_single_process,
+    "zero_checkpoint": zero_checkpoint,
+    "fsdp2_checkpoint": fsdp2_checkpoint,
     "ddp": lambda: run_ddp("auto"),
     "zero": lambda: run_zero("partitioned"),
     "zero_unreduced": lambda: run_zero("replicated"),
@@ -108,6 +189,7 @@ def worker(rank: int, init_file: str, out: str, names: list[str]) -> None:
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(results, f)
+        dist.barrier()  # no rank tears gloo down while the other still uses it (SIGABRT otherwise)
     finally:
         dist.destroy_process_group()
 

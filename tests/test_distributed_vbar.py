@@ -59,3 +59,12 @@ def test_lightning_cli_strategies_match_single_process(tmp_path, strategy):
     """
     deviations = run_script("distributed_lightning.py", tmp_path, strategy)
     assert deviations[strategy] <= TOLERANCE, deviations
+
+
+@pytest.mark.slow
+def test_checkpoints_move_between_sharded_and_single_process(tmp_path):
+    """ZeRO (consolidated) and FSDP2 (full state dict) checkpoints resume in one process and back."""
+    names = ["zero_checkpoint", "fsdp2_checkpoint", "zero_from_single_process", "fsdp2_from_single_process"]
+    deviations = run_script("distributed_scenarios.py", tmp_path, *names)
+    for name in names:
+        assert deviations[name] <= TOLERANCE, (name, deviations)
