@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from functools import partial, update_wrapper
+from types import MethodType
+from typing import Any
 
 from jsonargparse import set_parsing_settings
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LightningCLI, _global_add_class_path, instantiate_class
 
 import adai_lightning  # noqa: F401  (registers Adai and AdaiW as torch optimizers for the parser)
 
@@ -34,6 +38,9 @@ def qualify_optimizer_names(args: Sequence[str]) -> list[str]:
 class AdaiCLI(LightningCLI):
     """LightningCLI with omegaconf interpolation on and a config saved per run (overwriting allowed).
 
+    ``--optimizer`` / ``--lr_scheduler`` are built after ``configure_model`` (see
+    :meth:`_add_configure_optimizers_method_to_model`), so they also work under FSDP2.
+
     ``fit --test_after_fit true`` (set in ``recipes/default.yaml``) tests the final weights on the
     data module's test split right after training, so one command gives the test metrics.
     """
@@ -55,6 +62,39 @@ class AdaiCLI(LightningCLI):
     def after_fit(self) -> None:
         if self.config[self.subcommand].get("test_after_fit"):
             self.trainer.test(self.model, datamodule=self.datamodule)
+
+    def _automatic_init(self, register: dict[str, tuple[Any, str]]) -> dict[str, Any] | None:
+        """The configured ``class_path``/``init_args`` of the 'AUTOMATIC' optimizer or scheduler group, if any."""
+        for key, (class_type, link_to) in register.items():
+            if link_to == "AUTOMATIC":
+                init = self._get(self.config_init, key)
+                return init if isinstance(class_type, tuple) else _global_add_class_path(class_type, init)
+        return None
+
+    def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
+        """Build ``--optimizer`` and ``--lr_scheduler`` inside ``configure_optimizers``, not before it.
+
+        LightningCLI builds them from ``model.parameters()`` when the model is created, BEFORE
+        ``configure_model`` runs. Under FSDP2 / ``ModelParallelStrategy`` ``configure_model`` replaces
+        the parameters with DTensors, so that optimizer would update stale tensors: nothing trains and
+        nothing fails. Lightning calls ``configure_optimizers`` after ``configure_model``, so building
+        them there sees the parameters that train. Lightning's own method still runs first, for its
+        checks (and it builds a throwaway optimizer early, which surfaces config errors before training).
+        """
+        super()._add_configure_optimizers_method_to_model(subcommand)
+        if not isinstance(getattr(self.model.configure_optimizers, "__func__", None), partial):
+            return  # no automatic optimizer: the model's own configure_optimizers stays
+        parser = self._parser(subcommand)
+        optimizer_init = self._automatic_init(parser._optimizers)
+        scheduler_init = self._automatic_init(parser._lr_schedulers)
+
+        def configure_optimizers(model: LightningModule) -> Any:
+            optimizer = instantiate_class(model.parameters(), optimizer_init)
+            scheduler = instantiate_class(optimizer, scheduler_init) if scheduler_init else None
+            return self.configure_optimizers(model, optimizer, scheduler)
+
+        update_wrapper(configure_optimizers, self.configure_optimizers)  # Lightning's `is_overridden` needs it
+        self.model.configure_optimizers = MethodType(configure_optimizers, self.model)
 
 
 def main(args: Sequence[str] | None = None) -> None:

@@ -13,6 +13,7 @@ from torch.optim import Optimizer
 
 from adai_lightning.optim import _functional as F
 from adai_lightning.optim import _fused
+from adai_lightning.optim import distributed
 
 _STATE_TENSORS = ("exp_avg", "exp_avg_sq", "beta1_prod")
 _FOREACH_TYPES = (Tensor, torch.nn.Parameter)
@@ -120,6 +121,14 @@ class Adai(Optimizer):
             least 2**20 parameter elements (when foreach is not turned off), compiling once per
             process and warning once if compilation fails; ``True`` requires it (error if it
             cannot run); ``False`` never uses it.
+        sharding: how ``vbar`` (a mean over the WHOLE model) is formed across processes; see
+            :mod:`adai_lightning.optim.distributed`. ``"auto"`` (default) all-reduces the local
+            ``(sum, count)`` when parameters are DTensors (FSDP2) and communicates nothing otherwise
+            (single process, DDP); ``"partitioned"`` always all-reduces (each rank holds a disjoint
+            part of the parameters: ``ZeroRedundancyOptimizer(..., optimizer_class=Adai,
+            sharding="partitioned")``); ``"replicated"`` never communicates.
+        process_group: the ranks ``vbar`` is reduced over (``None``: the default group). Cost: one
+            all-reduce of 16 bytes per step, asynchronous, without host synchronisation.
 
     State per parameter (keys as in the authors' reference implementation, whose checkpoints load):
     ``step`` (int), ``exp_avg`` (m), ``exp_avg_sq`` (v), ``beta1_prod`` (P, per element). The three
@@ -147,8 +156,11 @@ class Adai(Optimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        sharding: str = "auto",
+        process_group: Any = None,
     ) -> None:
         validate_hyperparameters(lr, betas, eps, weight_decay, dampening)
+        distributed.validate_sharding(sharding)
         if fused not in (None, True, False):
             raise ValueError(f"Invalid fused: {fused!r}; it must be None, True or False")
         if fused and foreach:
@@ -166,6 +178,9 @@ class Adai(Optimizer):
         )
         super().__init__(params, defaults)
         self.last_vbar: Tensor | None = None
+        # Attributes, not defaults: a process group must not end up in the state dict's param_groups.
+        self.sharding = sharding
+        self.process_group = process_group
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group after checking its hyperparameters and that its parameters are real floats."""
@@ -184,6 +199,8 @@ class Adai(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("last_vbar", None)
+        self.__dict__.setdefault("sharding", "auto")
+        self.__dict__.setdefault("process_group", None)
         for group in self.param_groups:
             for key in ("decoupled", "maximize"):
                 group.setdefault(key, False)
@@ -240,11 +257,12 @@ class Adai(Optimizer):
                 raise ValueError("Adai does not support sparse gradients; use dense gradients (e.g. sparse=False)")
             state = self._init_state(param)
             state["step"] += 1
-            work.params.append(param)
-            work.grads.append(param.grad)
-            work.exp_avgs.append(state["exp_avg"])
-            work.exp_avg_sqs.append(state["exp_avg_sq"])
-            work.beta1_prods.append(state["beta1_prod"])
+            local = distributed.local_part  # a DTensor's own shard; plain tensors pass through
+            work.params.append(local(param))
+            work.grads.append(local(param.grad))
+            work.exp_avgs.append(local(state["exp_avg"]))
+            work.exp_avg_sqs.append(local(state["exp_avg_sq"]))
+            work.beta1_prods.append(local(state["beta1_prod"]))
             work.steps.append(state["step"])
         foreach = group["foreach"]
         if foreach is None:
@@ -254,10 +272,13 @@ class Adai(Optimizer):
         return work
 
     def _global_mean(self, total: Tensor, count: int) -> Tensor:
-        """``vbar`` from the local sum of vhat and the local element count.
+        """``vbar`` from this rank's sum of vhat and element count (DTensors: their local shards).
 
-        The seam for sharded training, where each rank holds only part of the model.
+        Reduced over :attr:`process_group` when this rank holds only part of the model (see ``sharding``).
         """
+        params = (p for group in self.param_groups for p in group["params"])
+        if distributed.needs_reduction(self.sharding, params):
+            return distributed.global_mean(total, count, self.process_group)
         return F.safe_mean(total, count)
 
     @torch.no_grad()
@@ -270,6 +291,9 @@ class Adai(Optimizer):
 
         works = [work for work in map(self._gather, self.param_groups) if work.params]
         if not works:
+            if self.sharding == "partitioned":  # the other ranks wait for this rank's share of vbar
+                anchor = self.param_groups[0]["params"][0]
+                self._global_mean(anchor.new_zeros((), dtype=state_dtype(anchor)), 0)
             return loss
 
         plan = [(work.hyper, bucket, work.passes(bucket)) for work in works for bucket in work.buckets()]
@@ -293,6 +317,8 @@ class Adai(Optimizer):
         Computed on demand from the state and :attr:`last_vbar`, so monitoring costs nothing when
         unused. A parameter that had no gradient in the last step reports the inertia its own last
         ``vhat`` would get with the last step's ``vbar``. Yields nothing before the first step.
+        For a DTensor (FSDP2) parameter, ``ratio`` and ``beta1`` are this rank's local shard (plain
+        tensors); ``vbar`` is the global one.
         """
         if self.last_vbar is None:
             return
@@ -302,7 +328,7 @@ class Adai(Optimizer):
                 state = self.state.get(param)
                 if not state:
                     continue
-                vhat = state["exp_avg_sq"] / (1.0 - hyper.beta2 ** state["step"])
+                vhat = distributed.local_part(state["exp_avg_sq"]) / (1.0 - hyper.beta2 ** state["step"])
                 ratio = vhat / self.last_vbar.to(device=vhat.device, dtype=vhat.dtype)
                 yield Inertia(param, ratio, F.inertia_from_ratio(ratio.clone(), hyper))
 
@@ -325,5 +351,9 @@ class AdaiW(Adai):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        sharding: str = "auto",
+        process_group: Any = None,
     ) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, decoupled, dampening, maximize, foreach, fused)
+        super().__init__(
+            params, lr, betas, eps, weight_decay, decoupled, dampening, maximize, foreach, fused, sharding, process_group
+        )
