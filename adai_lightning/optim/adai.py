@@ -317,8 +317,8 @@ class Adai(Optimizer):
         Computed on demand from the state and :attr:`last_vbar`, so monitoring costs nothing when
         unused. A parameter that had no gradient in the last step reports the inertia its own last
         ``vhat`` would get with the last step's ``vbar``. Yields nothing before the first step.
-        For a DTensor (FSDP2) parameter, ``ratio`` and ``beta1`` are this rank's local shard (plain
-        tensors); ``vbar`` is the global one.
+        For a DTensor (FSDP2) parameter, ``ratio`` and ``beta1`` are DTensors sharded like its state
+        (``full_tensor()`` gathers them), computed with the global ``vbar``.
         """
         if self.last_vbar is None:
             return
@@ -328,9 +328,11 @@ class Adai(Optimizer):
                 state = self.state.get(param)
                 if not state:
                     continue
-                vhat = distributed.local_part(state["exp_avg_sq"]) / (1.0 - hyper.beta2 ** state["step"])
+                exp_avg_sq = state["exp_avg_sq"]
+                vhat = distributed.local_part(exp_avg_sq) / (1.0 - hyper.beta2 ** state["step"])
                 ratio = vhat / self.last_vbar.to(device=vhat.device, dtype=vhat.dtype)
-                yield Inertia(param, ratio, F.inertia_from_ratio(ratio.clone(), hyper))
+                beta1 = F.inertia_from_ratio(ratio.clone(), hyper)
+                yield Inertia(param, distributed.shaped_like(exp_avg_sq, ratio), distributed.shaped_like(exp_avg_sq, beta1))
 
 
 class AdaiW(Adai):

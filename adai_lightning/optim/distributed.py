@@ -59,6 +59,14 @@ def local_part(tensor: Tensor) -> Tensor:
     return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
+def shaped_like(reference: Tensor, local: Tensor) -> Tensor:
+    """``local`` (this rank's piece) as a DTensor laid out like ``reference`` when that is one."""
+    if not is_dtensor(reference):
+        return local
+    return DTensor.from_local(local, reference.device_mesh, reference.placements, run_check=False,
+                              shape=reference.shape, stride=reference.stride())
+
+
 def replication(param: Tensor) -> int:
     """On how many ranks each element of this rank's piece of ``param`` lives (1 when fully sharded)."""
     if not is_dtensor(param):
