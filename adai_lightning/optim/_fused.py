@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import functools
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakTensorKeyDictionary
 
 from adai_lightning.optim._functional import AdaiHyper
 
@@ -129,27 +129,41 @@ def _flat(tensor: Tensor) -> Tensor | None:
     return tensor.view(-1).detach()
 
 
+def _flat_aliases(tensors: list[Tensor]) -> list[Tensor] | None:
+    """Flat aliases of same-shaped tensors that share one dense layout, or None when they do not."""
+    first = tensors[0]
+    if first.is_contiguous():
+        if all(t.is_contiguous() for t in tensors):
+            return [t.view(-1).detach() for t in tensors]
+        return None
+    stride = first.stride()
+    if any(t.stride() != stride for t in tensors) or _flat(first) is None:
+        return None
+    return [_flat(t) for t in tensors]
+
+
 class _Item:
     """The flat operands of one kernel launch, from one list per operand kind (params, grads, ...).
 
-    Three kinds: a dense tensor, updated in place through flat aliases; a pack of small contiguous
-    tensors, concatenated and split back; a single tensor of irregular layout, copied and copied back.
+    Three kinds: a dense tensor, updated in place through its flat aliases (``flats``); a pack of
+    small contiguous tensors, concatenated and split back; a single tensor of irregular layout,
+    copied and copied back.
     """
 
-    def __init__(self, tensors: list[list[Tensor]], step: int, row: int, in_place: bool) -> None:
+    def __init__(self, tensors: list[list[Tensor]], step: int, row: int, flats: list[Tensor] | None) -> None:
         self.tensors = tensors
         self.step = step
         self.row = row
-        self.in_place = in_place
+        self.flats = flats
 
     def operands(self) -> list[Tensor]:
-        if self.in_place:
-            return [_flat(group[0]) for group in self.tensors]
+        if self.flats is not None:
+            return self.flats
         return [torch.cat([t.reshape(-1) for t in group]) for group in self.tensors]
 
     def write_back(self, operands: list[Tensor]) -> None:
         """Copy results into the original tensors, unless the kernel already wrote them in place."""
-        if self.in_place:
+        if self.flats is not None:
             return
         sizes = [t.numel() for t in self.tensors[0]]
         for group, flat in zip(self.tensors, operands):
@@ -159,30 +173,28 @@ class _Item:
                 torch.split_with_sizes_copy(flat, sizes, out=[t.view(-1) for t in group])
 
 
-def _same_dense_layout(tensors: list[Tensor]) -> bool:
-    return all(t.stride() == tensors[0].stride() for t in tensors) and _flat(tensors[0]) is not None
-
-
 def _items(lists: list[list[Tensor]], steps: list[int]) -> Iterator[_Item]:
     """Split a bucket into launches: dense tensors alone, small ones in packs of one step count each."""
     distinct_steps = sorted(set(steps))
     packs: dict[int, list[int]] = {}
     pack_numel: dict[int, int] = {}
-    for i, step in enumerate(steps):
+    small_numel, max_pack = SMALL_NUMEL, PACK_NUMEL
+    for i, (step, param) in enumerate(zip(steps, lists[0])):
         one = [lst[i] for lst in lists]
-        row, numel = distinct_steps.index(step), one[0].numel()
-        if numel < SMALL_NUMEL and all(t.is_contiguous() for t in one):
+        numel = param.numel()
+        if numel < small_numel and all(t.is_contiguous() for t in one):
             pack = packs.setdefault(step, [])
-            if pack and pack_numel[step] + numel > PACK_NUMEL:
-                yield _Item([[lst[j] for j in pack] for lst in lists], step, row, in_place=False)
+            if pack and pack_numel[step] + numel > max_pack:
+                yield _Item([[lst[j] for j in pack] for lst in lists], step, distinct_steps.index(step), None)
                 pack.clear()
             pack.append(i)
             pack_numel[step] = numel + (pack_numel[step] if len(pack) > 1 else 0)
         else:
-            yield _Item([[t] for t in one], step, row, in_place=_same_dense_layout(one))
+            row = 0 if len(distinct_steps) == 1 else distinct_steps.index(step)
+            yield _Item([[t] for t in one], step, row, _flat_aliases(one))
     for step, pack in packs.items():
         if pack:
-            yield _Item([[lst[j] for j in pack] for lst in lists], step, distinct_steps.index(step), in_place=False)
+            yield _Item([[lst[j] for j in pack] for lst in lists], step, distinct_steps.index(step), None)
 
 
 def vhat_sum_fused(params: list[Tensor], grads: list[Tensor], exp_avg_sqs: list[Tensor], steps: list[int],
@@ -194,26 +206,58 @@ def vhat_sum_fused(params: list[Tensor], grads: list[Tensor], exp_avg_sqs: list[
     scalars = _scalars(hyper, sorted(set(steps)), exp_avg_sqs[0].device)
     use_l2 = hyper.l2 != 0.0
     lists = [grads, exp_avg_sqs, params] if use_l2 else [grads, exp_avg_sqs]  # p is read for L2 only
+    packed_kernel, carried_kernel = _compiled(_vhat_sum_kernel), _compiled(_carried_sum_kernel)
     sums = []
     for item in _items(lists, steps):
-        if not item.in_place:
+        if item.flats is None:
             grad, exp_avg_sq, *param = item.operands()
-            sums.append(_compiled(_vhat_sum_kernel)(grad, exp_avg_sq, scalars[item.row], use_l2, *param))
+            sums.append(packed_kernel(grad, exp_avg_sq, scalars[item.row], use_l2, *param))
             continue
-        grad, exp_avg_sq, *param = (group[0] for group in item.tensors)
-        carried = _carried_sums.get(exp_avg_sq)
-        if carried is None or carried[0] != item.step - 1:
-            carried = (item.step - 1, exp_avg_sq.sum(dtype=torch.float64))
-        new_sum, vhat_sum = _compiled(_carried_sum_kernel)(
-            _flat(grad), carried[1], scalars[item.row], use_l2, exp_avg_sq.dtype, *map(_flat, param)
-        )
-        _carried_sums[exp_avg_sq] = (item.step, new_sum)
+        grad, exp_avg_sq, *param = item.flats
+        state = item.tensors[1][0]
+        carried = _carried_sums.get(state, item.step - 1)
+        if carried is None:
+            carried = exp_avg_sq.sum(dtype=torch.float64)
+        new_sum, vhat_sum = carried_kernel(grad, carried, scalars[item.row], use_l2, exp_avg_sq.dtype, *param)
+        _carried_sums.put(state, item.step, new_sum)
         sums.append(vhat_sum)
     return torch.stack(sums).sum()
 
 
-#: state tensor ``v`` -> (step, ``sum(v)`` after that step as a float64 device scalar), see pass 1.
-_carried_sums = WeakTensorKeyDictionary()
+class _CarriedSums:
+    """State tensor ``v`` -> (step, ``sum(v)`` after that step as a float64 device scalar), see pass 1.
+
+    Keyed on the tensor's identity and dropped with the tensor (a plain dict with weak references:
+    about ten times cheaper per lookup than ``WeakTensorKeyDictionary``).
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, int, Tensor]] = {}
+
+    def get(self, state: Tensor, step: int) -> Tensor | None:
+        """The sum recorded for ``state`` after ``step``, or None when there is none for that step."""
+        entry = self._entries.get(id(state))
+        if entry is None or entry[0]() is not state or entry[1] != step:
+            return None
+        return entry[2]
+
+    def put(self, state: Tensor, step: int, total: Tensor) -> None:
+        key = id(state)
+        entry = self._entries.get(key)
+        ref = entry[0] if entry is not None and entry[0]() is state else weakref.ref(state, self._forget(key))
+        self._entries[key] = (ref, step, total)
+
+    def _forget(self, key: int) -> Callable[[weakref.ref], None]:
+        entries = self._entries
+
+        def forget(ref: weakref.ref) -> None:
+            if key in entries and entries[key][0] is ref:
+                del entries[key]
+
+        return forget
+
+
+_carried_sums = _CarriedSums()
 
 
 def inertia_update_fused(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
@@ -222,9 +266,10 @@ def inertia_update_fused(params: list[Tensor], grads: list[Tensor], exp_avgs: li
     """Pass 2: decay, second moment, inertia, momentum and parameter update in one sweep per item."""
     scalars = _scalars(hyper, sorted(set(steps)), exp_avgs[0].device)
     use_l2, damped = hyper.l2 != 0.0, hyper.dampening != 1.0
+    kernel = _compiled(_update_kernel)
     for item in _items([params, grads, exp_avgs, exp_avg_sqs, beta1_prods], steps):
         operands = item.operands()
-        _compiled(_update_kernel)(*operands, vbar, scalars[item.row], use_l2, damped)
+        kernel(*operands, vbar, scalars[item.row], use_l2, damped)
         item.write_back(operands)
 
 
