@@ -44,6 +44,13 @@ def test_short_optimizer_names(tmp_path: Path, args: list[str], cls: type, lr: f
     assert optimizer.defaults["lr"] == lr
     assert cli.trainer.global_step == 3
     assert optimizer.last_vbar is not None
+    assert "test/acc" in cli.trainer.callback_metrics  # the recipe's test_after_fit ran
+
+
+def test_test_after_fit_can_be_turned_off(tmp_path: Path) -> None:
+    cli = _fit(tmp_path, "--test_after_fit", "false")
+    assert cli.trainer.global_step == 3
+    assert "test/acc" not in cli.trainer.callback_metrics
 
 
 def test_yaml_optimizer_and_lr_scheduler(tmp_path: Path) -> None:
@@ -61,7 +68,9 @@ def test_yaml_optimizer_and_lr_scheduler(tmp_path: Path) -> None:
 
 
 def test_a_users_own_lightning_cli_finds_adai_by_short_name(tmp_path: Path) -> None:
-    cli = LightningCLI(args=["fit", "--config", DEFAULT, *_quick(tmp_path), "--optimizer", "Adai",
+    config = tmp_path / "plain.yaml"  # the recipe without the option only AdaiCLI adds
+    config.write_text(Path(DEFAULT).read_text().replace("test_after_fit: true\n", ""))
+    cli = LightningCLI(args=["fit", "--config", str(config), *_quick(tmp_path), "--optimizer", "Adai",
                              "--optimizer.lr", "0.5", "--lr_scheduler", "null"],
                        parser_kwargs={"parser_mode": "omegaconf"}, save_config_kwargs={"overwrite": True})
     (optimizer,) = cli.trainer.optimizers
