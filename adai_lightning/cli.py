@@ -109,4 +109,7 @@ def main(args: Sequence[str] | None = None) -> None:
 
         import_module(f"adai_lightning.{args[0]}").main(args[1:])
         return
-    AdaiCLI(args=qualify_optimizer_names(args))
+    qualified = qualify_optimizer_names(args)
+    # Passing args that equal the command line makes LightningCLI warn about "both args and command
+    # line arguments"; hand them over only when they differ from it.
+    AdaiCLI(args=None if qualified == sys.argv[1:] else qualified)
