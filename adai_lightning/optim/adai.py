@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from adai_lightning.optim import _functional as F
-from adai_lightning.optim import _fused
+from adai_lightning.optim import _fused, _native
 from adai_lightning.optim import distributed
 
 _STATE_TENSORS = ("exp_avg", "exp_avg_sq", "beta1_prod")
@@ -68,8 +68,10 @@ class _GroupWork:
     fused: bool | None = False
 
     def passes(self, bucket: tuple) -> tuple[Callable[..., Tensor], Callable[..., None]]:
-        """The pass-1 and pass-2 functions for one bucket: fused, foreach or single-tensor."""
+        """The pass-1 and pass-2 functions for one bucket: native (CPU), compiled, foreach or single-tensor."""
         params, grads, exp_avgs = bucket[:3]
+        if self.fused is not False and _native.use_native(self.fused, params, grads, exp_avgs[0].dtype):
+            return _native.vhat_sum_native, _native.inertia_update_native
         if self.fused is not False and _fused.use_fused(self.fused, params, grads, exp_avgs[0].dtype, self.hyper):
             return _fused.vhat_sum_fused, _fused.inertia_update_fused
         if self.foreach:
@@ -116,11 +118,15 @@ class Adai(Optimizer):
         maximize: ascend instead of descend.
         foreach: use the multi-tensor ``torch._foreach_*`` path; ``None`` picks it whenever every
             parameter is a plain tensor.
-        fused: run each pass as one ``torch.compile``-generated kernel per tensor (see
-            ``adai_lightning.optim._fused``); ``None`` picks it for every device and dtype with at
-            least 2**20 parameter elements (when foreach is not turned off), compiling once per
-            process and warning once if compilation fails; ``True`` requires it (error if it
-            cannot run); ``False`` never uses it.
+        fused: run each pass as one kernel over the whole bucket (device and dtype) instead of the
+            eager paths. On CPU with float32 or float64 parameters, gradients and state, that is a
+            small C library compiled once per machine and cached (``adai_lightning.optim._native``);
+            elsewhere (CUDA, bfloat16/float16 parameters) ``torch.compile``-generated kernels, one
+            per tensor (``adai_lightning.optim._fused``), compiled once per process. ``None`` (the
+            default, when foreach is not turned off) picks the native CPU kernel for every supported
+            bucket and the compiled kernels for buckets of at least 2**20 elements, and warns once
+            and falls back to foreach when one cannot be built; ``True`` requires a fused path
+            (error if none can run); ``False`` never uses them.
         sharding: how ``vbar`` (a mean over the WHOLE model) is formed across processes; see
             :mod:`adai_lightning.optim.distributed`. ``"auto"`` (default) all-reduces the local
             ``(sum, count)`` when parameters are DTensors (FSDP2) and communicates nothing otherwise
