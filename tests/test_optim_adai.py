@@ -201,22 +201,23 @@ def _train(opt_params: list, opt: Adai, steps: range) -> None:
         opt.step()
 
 
-@pytest.mark.parametrize("foreach", [False, True], ids=["single", "foreach"])
-def test_state_dict_round_trip_resumes_bitwise(foreach: bool) -> None:
+@pytest.mark.parametrize("paths", [dict(foreach=False), dict(foreach=True, fused=False), dict(fused=True)],
+                         ids=["single", "foreach", "fused"])
+def test_state_dict_round_trip_resumes_bitwise(paths: dict) -> None:
     make = lambda: [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(SHAPES)]  # noqa: E731
     straight = make()
-    opt = Adai(straight, foreach=foreach, weight_decay=1e-2)
+    opt = Adai(straight, **paths, weight_decay=1e-2)
     _train(straight, opt, range(40))
 
     resumed = make()
-    first = Adai(resumed, foreach=foreach, weight_decay=1e-2)
+    first = Adai(resumed, **paths, weight_decay=1e-2)
     _train(resumed, first, range(20))
     buffer = io.BytesIO()
     torch.save({"params": [p.detach().clone() for p in resumed], "optim": first.state_dict()}, buffer)
     buffer.seek(0)
     checkpoint = torch.load(buffer)
     restored = [torch.nn.Parameter(p) for p in checkpoint["params"]]
-    second = Adai(restored, foreach=foreach, weight_decay=1e-2)
+    second = Adai(restored, **paths, weight_decay=1e-2)
     second.load_state_dict(checkpoint["optim"])
     _train(restored, second, range(20, 40))
     for a, b in zip(straight, restored):
