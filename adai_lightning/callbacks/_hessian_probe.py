@@ -162,7 +162,8 @@ class HessianProbe:
             with self._isolated(module):
                 if self._batches is None:
                     self._batches = self._collect(trainer, module)
-                return compute(self._operator(module))
+                with self._operator(module) as operator:  # frees the kept graph after this cadence point
+                    return compute(operator)
         except (RuntimeError, NotImplementedError, TypeError) as error:
             if self.on_error == "raise":
                 raise
