@@ -10,7 +10,8 @@ Graph reuse: a from-scratch product re-runs the forward and both backwards.  Wit
 costs only the last backward (Lanczos runs ~20 products on one operator).  Kept graphs hold the
 activations of a double-backward step per batch until ``release()`` (or the end of a ``with``
 block); the automatic choice (``reuse_graph=None``) keeps them only for a single batch, where the
-from-scratch product holds that same graph at its peak anyway, so peak memory does not grow.  A
+from-scratch product holds that same graph at its peak anyway (the kept one is only not freed
+node by node during each product's backward).  A
 graph is rebuilt when a parameter was changed in place since it was built (tensor ``_version``);
 changes that bypass autograd's version counter (``p.data.add_``, raw data pointers) are not seen:
 call ``release()`` after them.
