@@ -9,7 +9,13 @@ from adai_lightning.curvature import (HessianOperator, flatten, hutch_plus_plus_
                                       lanczos_extremes, power_smallest, power_top_k, unflatten)
 
 
-def _problem(seed=0):
+@pytest.fixture(params=[True, False], ids=["reused-graph", "fresh-graph"])
+def reuse_graph(request):
+    """Every core test runs with the first-order graph kept across products and rebuilt for each."""
+    return request.param
+
+
+def _problem(seed=0, reuse_graph=False):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
     batches = [(torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)) for _ in range(3)]
@@ -26,22 +32,22 @@ def _problem(seed=0):
         return sum(nn.functional.mse_loss(functional_call(model, values, (x,)), y) for x, y in batches) / len(batches)
 
     dense = torch.autograd.functional.hessian(flat_loss, flatten([p.detach() for p in params]))
-    return HessianOperator(params, loss_fn, batches), dense, params
+    return HessianOperator(params, loss_fn, batches, reuse_graph=reuse_graph), dense, params
 
 
 def _close(estimate, exact, rel=0.01):
     assert abs(estimate - exact) <= rel * abs(exact), (estimate, exact)
 
 
-def test_hvp_equals_dense_hessian_product():
-    operator, dense, params = _problem()
+def test_hvp_equals_dense_hessian_product(reuse_graph):
+    operator, dense, params = _problem(reuse_graph=reuse_graph)
     vector = torch.randn(operator.dim, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     torch.testing.assert_close(operator(vector), dense @ vector)
     assert all(p.grad is None for p in params)
 
 
-def test_lanczos_top_k_and_smallest_match_eigvalsh():
-    operator, dense, params = _problem()
+def test_lanczos_top_k_and_smallest_match_eigvalsh(reuse_graph):
+    operator, dense, params = _problem(reuse_graph=reuse_graph)
     exact = torch.linalg.eigvalsh(dense)
     assert exact[0] < 0 < exact[-1]
     top = lanczos_extremes(operator, operator.dim, 3, "largest", torch.Generator().manual_seed(0), params[0])
@@ -54,8 +60,8 @@ def test_lanczos_top_k_and_smallest_match_eigvalsh():
     assert float((dense @ vector - top.values[0] * vector).norm()) < 1e-3 * float(exact.abs().max())
 
 
-def test_lanczos_is_deterministic_and_leaves_global_rng_alone():
-    operator, _, params = _problem()
+def test_lanczos_is_deterministic_and_leaves_global_rng_alone(reuse_graph):
+    operator, _, params = _problem(reuse_graph=reuse_graph)
     state = torch.get_rng_state()
     first = lanczos_extremes(operator, operator.dim, 2, "largest", torch.Generator().manual_seed(3), params[0])
     second = lanczos_extremes(operator, operator.dim, 2, "largest", torch.Generator().manual_seed(3), params[0])
@@ -63,8 +69,8 @@ def test_lanczos_is_deterministic_and_leaves_global_rng_alone():
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def test_power_iteration_top_and_shifted_smallest():
-    operator, dense, params = _problem()
+def test_power_iteration_top_and_shifted_smallest(reuse_graph):
+    operator, dense, params = _problem(reuse_graph=reuse_graph)
     exact = torch.linalg.eigvalsh(dense)
     top = power_top_k(operator, operator.dim, 1, torch.Generator().manual_seed(0), params[0], max_iters=500, tol=1e-8)
     _close(float(top.values[0]), float(exact[-1]))
@@ -73,15 +79,15 @@ def test_power_iteration_top_and_shifted_smallest():
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_hutchinson_trace_within_three_standard_errors(seed):
-    operator, dense, params = _problem(seed)
+def test_hutchinson_trace_within_three_standard_errors(seed, reuse_graph):
+    operator, dense, params = _problem(seed, reuse_graph)
     estimate = hutchinson_trace(operator, operator.dim, 64, torch.Generator().manual_seed(seed), params[0])
     assert estimate.stderr > 0
     assert abs(estimate.trace - float(torch.trace(dense))) <= 3 * estimate.stderr
 
 
-def test_hutch_plus_plus_within_three_standard_errors_and_exact_on_low_rank():
-    operator, dense, params = _problem(0)
+def test_hutch_plus_plus_within_three_standard_errors_and_exact_on_low_rank(reuse_graph):
+    operator, dense, params = _problem(0, reuse_graph)
     estimate = hutch_plus_plus_trace(operator, operator.dim, 60, torch.Generator().manual_seed(0), params[0])
     assert abs(estimate.trace - float(torch.trace(dense))) <= 3 * estimate.stderr
     low_rank = torch.outer(torch.arange(1.0, 9.0, dtype=torch.float64), torch.arange(1.0, 9.0, dtype=torch.float64))

@@ -15,6 +15,8 @@ evaluates curvature on them without changing the training run:
   and reseeded with ``seed`` before every batch so that with ``train_mode=True`` dropout draws
   the same mask in every Hessian-vector product (the operator stays one fixed matrix);
 - only ``torch.autograd.grad`` is used: parameter ``.grad`` fields are never touched.
+- the operator lives for one cadence point only (a ``with`` block): its kept first-order graph
+  (automatic reuse, one batch) is freed afterwards, so no memory is held between cadence points.
 
 Under ``torch.distributed`` each rank keeps its own loader's first batches (its sampler's share),
 HVPs and gradients are summed across ranks explicitly, and the operator is the Hessian of the
@@ -162,7 +164,8 @@ class HessianProbe:
             with self._isolated(module):
                 if self._batches is None:
                     self._batches = self._collect(trainer, module)
-                return compute(self._operator(module))
+                with self._operator(module) as operator:  # frees the kept graph after this cadence point
+                    return compute(operator)
         except (RuntimeError, NotImplementedError, TypeError) as error:
             if self.on_error == "raise":
                 raise

@@ -23,9 +23,10 @@ class HessianSharpness(ProbedCallback):
     ``sharpness/trace`` and ``sharpness/trace_stderr`` (``trace_method`` "hutchinson" or "hutch++",
     Rademacher probes; Hutch++ needs ``trace_samples >= 3``).
 
-    Cost per cadence point, in Hessian-vector products (each one forward and one double backward
-    per batch of the subset): ``lanczos_iters`` (default ``max(20, 3 top_k + 10)``) for Lanczos, at
-    most ``top_k * power_iters`` for power iteration, plus ``trace_samples``.
+    Cost per cadence point, in Hessian-vector products (with one batch, the default, the first-order
+    graph is built once and each product is one more backward through it; with several, each redoes
+    a forward and a double backward per batch): ``lanczos_iters`` (default ``max(20, 3 top_k + 10)``)
+    for Lanczos, at most ``top_k * power_iters`` for power iteration, plus ``trace_samples``.
 
     The evaluation subset, the loss, eval mode and side-effect isolation are those of
     :class:`~adai_lightning.callbacks._hessian_probe.HessianProbe` (see docs/callbacks-curvature.md).

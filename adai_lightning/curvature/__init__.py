@@ -1,6 +1,7 @@
 """Curvature of a training loss from Hessian-vector products (pure torch, no Lightning).
 
-``HessianOperator`` gives ``v -> H v`` by double backward over a fixed list of batches;
+``HessianOperator`` gives ``v -> H v`` by double backward over a fixed list of batches (keeping
+the first-order graph across products when asked or when there is a single batch);
 ``lanczos_extremes`` / ``power_top_k`` / ``power_smallest`` find extreme eigenpairs;
 ``hutchinson_trace`` / ``hutch_plus_plus_trace`` estimate the trace with a standard error.
 """
