@@ -6,7 +6,8 @@ both are None, budgeted by ``max_overhead`` (see :class:`CadencedCallback`).
 Logging follows Lightning's ``LearningRateMonitor``: scalars go straight to every attached
 logger's ``log_metrics`` (loggers write on rank zero only), at the step Lightning itself logs at,
 so the callbacks' own cadence decides when they log, not ``Trainer(log_every_n_steps=...)``.
-Histograms go to loggers whose experiment has ``add_histogram`` (TensorBoard), on rank zero.
+Histograms, computed by the callback, go to loggers whose experiment has ``add_histogram_raw``
+(TensorBoard), on rank zero.
 """
 
 from __future__ import annotations
@@ -144,12 +145,13 @@ def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int | None
         logger.log_metrics(metrics, step=step)
 
 
-def log_histogram(trainer: pl.Trainer, key: str, values: torch.Tensor) -> None:
-    """Add a histogram of ``values`` to every logger that can show one (TensorBoard), on rank zero."""
+def log_histogram(trainer: pl.Trainer, key: str, histogram: Any) -> None:
+    """Add a precomputed histogram (``add_histogram_raw``'s arguments as a NamedTuple) to every logger
+    that can show one (TensorBoard), on rank zero."""
     if not trainer.is_global_zero:
         return
     step = trainer.fit_loop.epoch_loop._batches_that_stepped
     for logger in trainer.loggers:
-        add_histogram = getattr(logger.experiment, "add_histogram", None)
-        if add_histogram is not None:
-            add_histogram(key, values.detach().float().cpu(), global_step=step)
+        add_histogram_raw = getattr(logger.experiment, "add_histogram_raw", None)
+        if add_histogram_raw is not None:
+            add_histogram_raw(key, *histogram, global_step=step)

@@ -39,7 +39,8 @@ class HessianSharpness(ProbedCallback):
     """
 
     def __init__(self, every_n_train_steps: int | None = None, every_n_epochs: int | None = None,
-                 max_overhead: float | None = DEFAULT_MAX_OVERHEAD, num_batches: int = 1, top_k: int = 2, method: str = "lanczos", trace_samples: int = 0, trace_method: str = "hutchinson",
+                 max_overhead: float | None = DEFAULT_MAX_OVERHEAD, num_batches: int = 1, top_k: int = 2,
+                 method: str = "lanczos", trace_samples: int = 0, trace_method: str = "hutchinson",
                  lanczos_iters: int | None = None,
                  power_iters: int = 100, dataloader: Any = None, loss_fn: LossFn | None = None,
                  train_mode: bool = False, on_error: str = "warn", seed: int = 0) -> None:
