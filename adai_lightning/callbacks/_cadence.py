@@ -1,18 +1,29 @@
 """What the three monitoring callbacks share: a validated cadence and logger-agnostic logging.
 
+The cadence is fixed (``every_n_train_steps`` / ``every_n_epochs``: every such point runs) or, when
+both are None, budgeted by ``max_overhead`` (see :class:`CadencedCallback`).
+
 Logging follows Lightning's ``LearningRateMonitor``: scalars go straight to every attached
 logger's ``log_metrics`` (loggers write on rank zero only), at the step Lightning itself logs at,
 so the callbacks' own cadence decides when they log, not ``Trainer(log_every_n_steps=...)``.
-Histograms go to loggers whose experiment has ``add_histogram`` (TensorBoard), on rank zero.
+Histograms, computed by the callback, go to loggers whose experiment has ``add_histogram_raw``
+(TensorBoard), on rank zero.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+
+from adai_lightning.callbacks._budget import OverheadBudget, check_max_overhead
+
+#: A budgeted cadence first runs after this many optimizer steps (or at the last step of a shorter
+#: fit): the first steps carry one-off costs that would distort the step time the budget plans with.
+WARMUP_STEPS = 10
 
 
 def _check_cadence(name: str, value: int | None) -> None:
@@ -21,64 +32,126 @@ def _check_cadence(name: str, value: int | None) -> None:
 
 
 class CadencedCallback(Callback):
-    """A callback that acts every ``every_n_train_steps`` optimizer steps and/or ``every_n_epochs`` epochs.
+    """A callback that acts every ``every_n_train_steps`` optimizer steps and/or ``every_n_epochs`` epochs,
+    or, when both are None, as often as the overhead budget ``max_overhead`` allows.
+
+    Budgeted cadence: the first point is optimizer step :data:`WARMUP_STEPS` (or the fit's last
+    step if it is shorter), where the callback always runs, so every fit gets at least one
+    measurement. After that, candidate points are planned from the mean step time so far: at each
+    one the callback runs if its time so far plus the last run's time stays within
+    ``max_overhead`` of the training time (:class:`~adai_lightning.callbacks._budget.OverheadBudget`),
+    and otherwise plans the next candidate. Rank 0 decides and broadcasts its decision
+    (``trainer.strategy.broadcast``), at candidate points only, so every rank takes the same one.
+    With a fixed cadence ``max_overhead`` is not used: every cadence point runs.
 
     Subclasses implement :meth:`on_cadence`, called from training hooks only (after the optimizer
     step, gradients enabled), so Lightning's ``inference_mode`` never gets in the way.
     """
 
-    def __init__(self, every_n_train_steps: int | None, every_n_epochs: int | None) -> None:
+    #: Whether the subclass offers ``max_overhead`` (named in the error for a missing cadence).
+    budgeted_cadence = False
+
+    def __init__(self, every_n_train_steps: int | None, every_n_epochs: int | None,
+                 max_overhead: float | None = None) -> None:
         _check_cadence("every_n_train_steps", every_n_train_steps)
         _check_cadence("every_n_epochs", every_n_epochs)
-        if every_n_train_steps is None and every_n_epochs is None:
-            raise ValueError("Invalid cadence: set every_n_train_steps or every_n_epochs (both are None)")
+        check_max_overhead(max_overhead)
+        fixed = every_n_train_steps is not None or every_n_epochs is not None
+        if not fixed and max_overhead is None:
+            also = " and max_overhead is None" if self.budgeted_cadence else ""
+            raise ValueError(f"Invalid cadence: set every_n_train_steps or every_n_epochs (both are None){also}")
         self.every_n_train_steps = every_n_train_steps
         self.every_n_epochs = every_n_epochs
+        self.max_overhead = max_overhead
+        self.budget = None if fixed else OverheadBudget(max_overhead)
         self._last_step = -1
+        self._next_check: int | None = None  # budgeted: the next candidate step
+        self._decision = (-1, False)  # budgeted: (step, run) of the last candidate point
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_train_steps=self.every_n_train_steps, every_n_epochs=self.every_n_epochs)
+        return self._generate_state_key(every_n_train_steps=self.every_n_train_steps,
+                                        every_n_epochs=self.every_n_epochs, max_overhead=self.max_overhead)
 
     def on_cadence(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         """Compute and log; ``batch`` is the last training batch (None at an epoch end)."""
         raise NotImplementedError
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.budget is None:
+            return
+        self.budget.start()
+        if self._next_check is None:
+            total = trainer.estimated_stepping_batches
+            self._next_check = WARMUP_STEPS if math.isinf(total) else max(1, min(WARMUP_STEPS, int(total)))
+
+    def step_is_due(self, trainer: pl.Trainer, step: int) -> bool:
+        """Whether optimizer step ``step`` is a cadence point; a collective call at budgeted candidates."""
+        if self.budget is None:
+            return bool(self.every_n_train_steps) and step % self.every_n_train_steps == 0
+        if self._decision[0] == step:
+            return self._decision[1]
+        if self._next_check is None or step < self._next_check:
+            return False
+        run = self.budget.runs == 0 or self.budget.allows()
+        later = None if run else step + self.budget.steps_until_allowed(step)
+        run, later = trainer.strategy.broadcast((run, later), src=0)
+        if later is not None:
+            self._next_check = later
+        self._decision = (step, run)
+        return run
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        self._last_step = trainer.global_step
+        if self.budget is None:
+            self.on_cadence(trainer, pl_module, batch)
+            return
+        with self.budget.measure(pl_module.device):
+            self.on_cadence(trainer, pl_module, batch)
+        later = trainer.global_step + self.budget.steps_until_allowed(trainer.global_step)
+        self._next_check = trainer.strategy.broadcast(later, src=0)
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
-        if self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0 and step != self._last_step:
-            self._last_step = step
-            self.on_cadence(trainer, pl_module, batch)
+        if step > 0 and step != self._last_step and self.step_is_due(trainer, step):
+            self._run(trainer, pl_module, batch)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0 \
                 and trainer.global_step != self._last_step:
-            self._last_step = trainer.global_step
-            self.on_cadence(trainer, pl_module, None)
+            self._run(trainer, pl_module, None)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self._last_step}
+        state: dict[str, Any] = {"last_step": self._last_step}
+        if self.budget is not None:
+            state.update(next_check=self._next_check, budget=self.budget.state_dict())
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = state_dict.get("last_step", -1)
+        if self.budget is not None:
+            self._next_check = state_dict.get("next_check")
+            self.budget.load_state_dict(state_dict.get("budget", {}))
 
 
-def log_scalars(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
-    """Send ``metrics`` to every logger at the step Lightning logs its own metrics at."""
+def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int | None = None) -> None:
+    """Send ``metrics`` to every logger at ``step``, by default the step Lightning logs its own metrics at."""
     if not metrics:
         return
-    step = trainer.fit_loop.epoch_loop._batches_that_stepped
+    if step is None:
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=step)
 
 
-def log_histogram(trainer: pl.Trainer, key: str, values: torch.Tensor) -> None:
-    """Add a histogram of ``values`` to every logger that can show one (TensorBoard), on rank zero."""
+def log_histogram(trainer: pl.Trainer, key: str, histogram: Any) -> None:
+    """Add a precomputed histogram (``add_histogram_raw``'s arguments as a NamedTuple) to every logger
+    that can show one (TensorBoard), on rank zero."""
     if not trainer.is_global_zero:
         return
     step = trainer.fit_loop.epoch_loop._batches_that_stepped
     for logger in trainer.loggers:
-        add_histogram = getattr(logger.experiment, "add_histogram", None)
-        if add_histogram is not None:
-            add_histogram(key, values.detach().float().cpu(), global_step=step)
+        add_histogram_raw = getattr(logger.experiment, "add_histogram_raw", None)
+        if add_histogram_raw is not None:
+            add_histogram_raw(key, *histogram, global_step=step)

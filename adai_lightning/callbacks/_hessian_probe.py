@@ -175,12 +175,19 @@ class HessianProbe:
             return None
 
 
+#: The Hessian callbacks' default budget: their own time at most 1.5 % of the training time.
+DEFAULT_MAX_OVERHEAD = 0.015
+
+
 class ProbedCallback(CadencedCallback):
     """A cadenced callback with a ``HessianProbe``, whose disabled flag is saved in checkpoints."""
 
-    def __init__(self, every_n_train_steps: int | None, every_n_epochs: int | None, num_batches: int,
-                 dataloader: Any, loss_fn: LossFn | None, train_mode: bool, on_error: str, seed: int) -> None:
-        super().__init__(every_n_train_steps, every_n_epochs)
+    budgeted_cadence = True
+
+    def __init__(self, every_n_train_steps: int | None, every_n_epochs: int | None, max_overhead: float | None,
+                 num_batches: int, dataloader: Any, loss_fn: LossFn | None, train_mode: bool, on_error: str,
+                 seed: int) -> None:
+        super().__init__(every_n_train_steps, every_n_epochs, max_overhead)
         self.probe = HessianProbe(type(self).__name__, num_batches, dataloader, loss_fn, train_mode, on_error, seed)
 
     def state_dict(self) -> dict[str, Any]:

@@ -7,7 +7,8 @@ from typing import Any
 import lightning.pytorch as pl
 
 from adai_lightning.callbacks._cadence import log_scalars
-from adai_lightning.callbacks._hessian_probe import LossFn, ProbedCallback, check_choice, check_int
+from adai_lightning.callbacks._hessian_probe import (DEFAULT_MAX_OVERHEAD, LossFn, ProbedCallback, check_choice,
+                                                     check_int)
 from adai_lightning.curvature import (HessianOperator, hutch_plus_plus_trace, hutchinson_trace, lanczos_extremes,
                                       power_top_k)
 
@@ -16,6 +17,12 @@ TRACE_ESTIMATORS = {"hutchinson": hutchinson_trace, "hutch++": hutch_plus_plus_t
 
 class HessianSharpness(ProbedCallback):
     """Logs the top-``top_k`` Hessian eigenvalues (and optionally the trace) every cadence point.
+
+    Cadence: by default (``every_n_train_steps=None``, ``every_n_epochs=None``) as often as
+    ``max_overhead`` allows (the callback's time at most that fraction of the training time, first
+    at step 10, at least once per fit; see :class:`~adai_lightning.callbacks._cadence.CadencedCallback`).
+    An explicit ``every_n_train_steps`` or ``every_n_epochs`` runs at every such point and
+    ``max_overhead`` is then not used.
 
     Keys: ``sharpness/lambda_max``, ``sharpness/lambda_2`` .. ``sharpness/lambda_<top_k>``,
     ``sharpness/lambda_max_x_lr`` (lambda_max times the first optimizer's first param-group lr:
@@ -32,13 +39,14 @@ class HessianSharpness(ProbedCallback):
     :class:`~adai_lightning.callbacks._hessian_probe.HessianProbe` (see docs/callbacks-curvature.md).
     """
 
-    def __init__(self, every_n_train_steps: int | None = 100, every_n_epochs: int | None = None, num_batches: int = 1,
-                 top_k: int = 2, method: str = "lanczos", trace_samples: int = 0, trace_method: str = "hutchinson",
+    def __init__(self, every_n_train_steps: int | None = None, every_n_epochs: int | None = None,
+                 max_overhead: float | None = DEFAULT_MAX_OVERHEAD, num_batches: int = 1, top_k: int = 2,
+                 method: str = "lanczos", trace_samples: int = 0, trace_method: str = "hutchinson",
                  lanczos_iters: int | None = None,
                  power_iters: int = 100, dataloader: Any = None, loss_fn: LossFn | None = None,
                  train_mode: bool = False, on_error: str = "warn", seed: int = 0) -> None:
-        super().__init__(every_n_train_steps, every_n_epochs, num_batches, dataloader, loss_fn, train_mode, on_error,
-                         seed)
+        super().__init__(every_n_train_steps, every_n_epochs, max_overhead, num_batches, dataloader, loss_fn,
+                         train_mode, on_error, seed)
         check_int("top_k", top_k, 1)
         check_choice("method", method, ("lanczos", "power"))
         check_int("trace_samples", trace_samples, 0)

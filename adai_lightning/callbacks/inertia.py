@@ -38,6 +38,20 @@ CONSTANT_MOMENTUM: tuple[tuple[tuple[type, ...], Callable[[dict], float]], ...] 
     ((torch.optim.SGD,), lambda group: group["momentum"]),
 )
 UNNAMED_MODULE = "_unnamed"
+#: Equal-width buckets between a scope's smallest and largest beta1 in its histogram.
+HISTOGRAM_BINS = 64
+
+
+class Histogram(NamedTuple):
+    """A histogram in TensorBoard's raw form (``SummaryWriter.add_histogram_raw``'s arguments)."""
+
+    min: float
+    max: float
+    num: int
+    sum: float
+    sum_squares: float
+    bucket_limits: list[float]
+    bucket_counts: list[float]
 
 
 class ParamInertia(NamedTuple):
@@ -125,6 +139,27 @@ def _concat(entries: list[ParamInertia]) -> Tensor:
     return torch.cat([e.beta1.to(device) for e in entries]) if len(entries) > 1 else entries[0].beta1
 
 
+def _histogram_row(values: Tensor) -> Tensor:
+    """``[min, max, sum, sum of squares, counts of HISTOGRAM_BINS equal buckets]`` of every element
+    of ``values``, on the device: bucket indices from one affine map, counted by ``torch.bincount``."""
+    low, high = torch.aminmax(values)
+    width = (high - low).clamp_min(torch.finfo(values.dtype).tiny) / HISTOGRAM_BINS
+    index = ((values - low) / width).long().clamp_(0, HISTOGRAM_BINS - 1)
+    counts = torch.bincount(index, minlength=HISTOGRAM_BINS).to(values.dtype)
+    moments = torch.stack([values.sum(), values.square().sum()])
+    return torch.cat([torch.stack([low, high]), moments, counts])
+
+
+def _histogram(row: list[float], num: int) -> Histogram:
+    """The :class:`Histogram` of a :func:`_histogram_row` brought to the host (bucket right edges)."""
+    low, high, total, squares, counts = row[0], row[1], row[2], row[3], row[4:]
+    if high == low:  # one value: a single bucket
+        return Histogram(low, high, num, total, squares, [high], [float(num)])
+    width = (high - low) / HISTOGRAM_BINS
+    limits = [low + (i + 1) * width for i in range(HISTOGRAM_BINS - 1)] + [high]
+    return Histogram(low, high, num, total, squares, limits, counts)
+
+
 def _scopes(names: Iterable[str], module_of: Callable[[str], str], per_parameter: bool
             ) -> Iterator[tuple[str, list[str]]]:
     """``(key prefix, member names)`` for each parameter (if asked), each top-level module, and all."""
@@ -142,14 +177,15 @@ def _scopes(names: Iterable[str], module_of: Callable[[str], str], per_parameter
 
 
 def adai_statistics(inertia: dict[str, ParamInertia], per_parameter: bool = True,
-                    histogram: Callable[[str, Tensor], None] | None = None) -> dict[str, float]:
+                    histogram: Callable[[str, Histogram], None] | None = None) -> dict[str, float]:
     """``{"<scope>/<stat>": value}`` for every scope (keys without the ``inertia/`` prefix).
 
     Everything is computed on the device; the values come to the host in one transfer. If given,
-    ``histogram("<scope>/beta1", values)`` receives each module's and the global beta1 (subsampled as
-    for quantiles) as soon as it is formed, so at most one concatenation is alive at a time.
+    ``histogram("<scope>/beta1", Histogram)`` receives each module's and the global beta1 histogram
+    (every element, :data:`HISTOGRAM_BINS` buckets), computed on the device as soon as the
+    scope's concatenation is formed, so at most one concatenation is alive at a time.
     """
-    keys, rows = [], []
+    keys, rows, histograms = [], [], []
     summaries: dict[tuple[str, ...], Tensor] = {}  # a one-module model's global row is its module row
     for key, members in _scopes(inertia, lambda name: inertia[name].module, per_parameter):
         entries = [inertia[name] for name in members]
@@ -159,11 +195,16 @@ def adai_statistics(inertia: dict[str, ParamInertia], per_parameter: bool = True
         keys.append(key)
         rows.append(summaries[tuple(members)])
         if histogram is not None and not key.startswith("param/"):
-            histogram(key + "beta1", _sample(values))
+            histograms.append((key + "beta1", values.numel(), _histogram_row(values)))
     if not rows:
         return {}
     device = rows[0].device
-    table = torch.stack([row.to(device) for row in rows]).tolist()  # the one host transfer
+    flat = torch.cat([torch.stack([row.to(device) for row in rows]).reshape(-1)]
+                     + [row.to(device) for _, _, row in histograms]).tolist()  # the one host transfer
+    table = [flat[i * len(STATS):(i + 1) * len(STATS)] for i in range(len(rows))]
+    offset, width = len(rows) * len(STATS), 4 + HISTOGRAM_BINS
+    for i, (key, num, _) in enumerate(histograms):
+        histogram(key, _histogram(flat[offset + i * width:offset + (i + 1) * width], num))
     return {key + stat: value for key, row in zip(keys, table) for stat, value in zip(STATS, row)}
 
 
@@ -211,6 +252,11 @@ def constant_statistics(optimizer: Optimizer, read: Callable[[dict], float], nam
     return {key + stat: value
             for key, members in _scopes(momentum, _module_of, per_parameter)
             for stat, value in constant_summary(momentum[name] for name in members).items()}
+
+
+def _histogram_wanted(trainer: pl.Trainer) -> bool:
+    """Whether a logger can show histograms here (rank zero, an experiment with ``add_histogram_raw``)."""
+    return trainer.is_global_zero and any(hasattr(logger.experiment, "add_histogram_raw") for logger in trainer.loggers)
 
 
 def _is_adai(optimizer: Optimizer) -> bool:
@@ -261,8 +307,8 @@ class InertiaMonitor(CadencedCallback):
             prefix = "inertia/" if len(optimizers) == 1 else f"inertia/opt{i}/"
             names = parameter_names(pl_module, optimizer)
             if _is_adai(optimizer):
-                histogram = (lambda key, values: log_histogram(trainer, prefix + key, values)) \
-                    if self.histograms else None
+                histogram = (lambda key, data: log_histogram(trainer, prefix + key, data)) \
+                    if self.histograms and _histogram_wanted(trainer) else None
                 scalars = adai_statistics(param_inertia(optimizer, names), self.per_parameter, histogram)
             elif (read := momentum_reader(optimizer)) is not None:
                 scalars = constant_statistics(optimizer, read, names, self.per_parameter)

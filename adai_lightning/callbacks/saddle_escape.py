@@ -12,11 +12,14 @@ import torch.distributed as dist
 from torch import Tensor
 
 from adai_lightning.callbacks._cadence import log_scalars
-from adai_lightning.callbacks._hessian_probe import LossFn, ProbedCallback, check_choice, check_int
+from adai_lightning.callbacks._hessian_probe import (DEFAULT_MAX_OVERHEAD, LossFn, ProbedCallback, check_choice,
+                                                     check_int)
 from adai_lightning.curvature import HessianOperator, flatten, lanczos, power_smallest, power_top_k
 from adai_lightning.curvature.eigen import random_unit
 
 MOMENTUM_KEYS = ("exp_avg", "momentum_buffer")
+#: Training losses stay on the device and reach the plateau detector in groups of this many batches.
+LOSS_FLUSH_EVERY = 64
 
 
 class PlateauDetector:
@@ -96,17 +99,22 @@ class SaddleEscapeMonitor(ProbedCallback):
     Cost per cadence point: ``lanczos_iters`` Hessian-vector products (Lanczos gives lambda_min and
     lambda_max from one run) or up to ``3 * power_iters`` with power iteration, plus one gradient
     on the subset; one copy of the parameters taken just before the optimizer step that precedes a
-    cadence point (for ``update_drift``); the plateau detector costs one scalar per step (one
-    all-reduce of it under DDP, so every rank sees the same plateaus).
+    cadence point (for ``update_drift``). The plateau detector keeps each step's loss on the device
+    and reads them in groups of :data:`LOSS_FLUSH_EVERY` batches, and at cadence points and the end
+    of training: one host transfer (and under DDP one all-reduce, so every rank sees the same
+    plateaus) per group instead of one per step. Escape events are therefore logged when their
+    group is read, at the logger step of the batch that ended the plateau.
+
+    Cadence: by default as often as ``max_overhead`` allows (see :class:`HessianSharpness`).
     """
 
-    def __init__(self, every_n_train_steps: int | None = 50, every_n_epochs: int | None = None,
-                 plateau_window: int = 50, plateau_threshold: float = 0.01, num_batches: int = 1,
+    def __init__(self, every_n_train_steps: int | None = None, every_n_epochs: int | None = None,
+                 max_overhead: float | None = DEFAULT_MAX_OVERHEAD, plateau_window: int = 50, plateau_threshold: float = 0.01, num_batches: int = 1,
                  method: str = "lanczos", lanczos_iters: int = 20, power_iters: int = 100, dataloader: Any = None,
                  loss_fn: LossFn | None = None, train_mode: bool = False, on_error: str = "warn",
                  seed: int = 0) -> None:
-        super().__init__(every_n_train_steps, every_n_epochs, num_batches, dataloader, loss_fn, train_mode, on_error,
-                         seed)
+        super().__init__(every_n_train_steps, every_n_epochs, max_overhead, num_batches, dataloader, loss_fn,
+                         train_mode, on_error, seed)
         check_int("plateau_window", plateau_window, 2)
         if isinstance(plateau_threshold, bool) or not isinstance(plateau_threshold, (int, float)) \
                 or not math.isfinite(plateau_threshold):
@@ -121,6 +129,8 @@ class SaddleEscapeMonitor(ProbedCallback):
         self._batch_idx = -1
         self._grad_norm: float | None = None
         self._params_before: Tensor | None = None
+        self._pending: list[tuple[int, int, Tensor]] = []  # (global step, logger step, loss on device)
+        self._unlogged: list[tuple[int, dict[str, float]]] = []  # escape events: (logger step, metrics)
 
     # -- per-step hooks -------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
@@ -129,11 +139,9 @@ class SaddleEscapeMonitor(ProbedCallback):
 
     def _cadence_follows(self, trainer: pl.Trainer) -> bool:
         """Whether the optimizer step about to run is followed by a cadence point."""
-        step = trainer.global_step + 1
-        by_steps = bool(self.every_n_train_steps) and step % self.every_n_train_steps == 0
         last_batch = self._batch_idx + 1 >= trainer.num_training_batches
         by_epochs = bool(self.every_n_epochs) and last_batch and (trainer.current_epoch + 1) % self.every_n_epochs == 0
-        return by_steps or by_epochs
+        return self.step_is_due(trainer, trainer.global_step + 1) or by_epochs
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if not self._cadence_follows(trainer):
@@ -147,16 +155,41 @@ class SaddleEscapeMonitor(ProbedCallback):
                            batch_idx: int) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if isinstance(loss, Tensor):
-            loss = loss.detach().float().reshape(())
-            if dist.is_available() and dist.is_initialized():
-                loss = loss.clone()
-                dist.all_reduce(loss)
-                loss /= dist.get_world_size()
-            event = self.detector.update(trainer.global_step, float(loss))
-            if event is not None:
-                log_scalars(trainer, {"saddle/escape_steps": float(event["length"]),
-                                      "saddle/escapes": float(len(self.detector.escapes))})
+            logged_at = trainer.fit_loop.epoch_loop._batches_that_stepped
+            self._pending.append((trainer.global_step, logged_at, loss.detach().float().reshape(())))
+            if len(self._pending) >= LOSS_FLUSH_EVERY:
+                self._flush_losses()
+        self._log_escapes(trainer)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._flush_losses()
+        self._log_escapes(trainer)
+
+    def _flush_losses(self) -> None:
+        """Feed the buffered losses (mean over ranks: one all-reduce) to the plateau detector.
+
+        One host transfer per flush instead of one per step; escape events wait in
+        ``_unlogged`` with the logger step of the batch that ended them, for :meth:`_log_escapes`.
+        """
+        if not self._pending:
+            return
+        steps, logged_at, losses = zip(*self._pending)
+        self._pending = []
+        values = torch.stack(losses)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(values)
+            values /= dist.get_world_size()
+        for step, at, value in zip(steps, logged_at, values.tolist()):
+            event = self.detector.update(step, value)
+            if event is not None:
+                self._unlogged.append((at, {"saddle/escape_steps": float(event["length"]),
+                                            "saddle/escapes": float(len(self.detector.escapes))}))
+
+    def _log_escapes(self, trainer: pl.Trainer) -> None:
+        for at, metrics in self._unlogged:
+            log_scalars(trainer, metrics, step=at)
+        self._unlogged = []
 
     # -- cadence point --------------------------------------------------------------------------
     def _extremes(self, operator: HessianOperator) -> tuple[float, float, Tensor, Tensor]:
@@ -178,6 +211,8 @@ class SaddleEscapeMonitor(ProbedCallback):
         return flatten([torch.zeros_like(p) if b is None else b.to(p.dtype) for b, p in zip(buffers, params)])
 
     def on_cadence(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
+        self._flush_losses()
+        self._log_escapes(trainer)
         metrics = {"saddle/plateau": float(self.detector.start is not None)}
         params = [p for p in pl_module.parameters() if p.requires_grad]
         if self._grad_norm is not None:
@@ -199,8 +234,12 @@ class SaddleEscapeMonitor(ProbedCallback):
         log_scalars(trainer, metrics)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "plateau": self.detector.state_dict()}
+        """The state, buffered losses flushed first (under DDP an all-reduce: Lightning calls this on
+        every rank when it saves a checkpoint)."""
+        self._flush_losses()
+        return {**super().state_dict(), "plateau": self.detector.state_dict(), "unlogged": list(self._unlogged)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.detector.load_state_dict(state_dict.get("plateau", {}))
+        self._unlogged = list(state_dict.get("unlogged", []))
