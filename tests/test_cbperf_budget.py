@@ -14,6 +14,7 @@ import torch
 from adai_lightning.callbacks import HessianSharpness, InertiaMonitor, SaddleEscapeMonitor
 from adai_lightning.callbacks._budget import OverheadBudget
 from adai_lightning.callbacks._cadence import WARMUP_STEPS
+from adai_lightning.callbacks._hessian_probe import HVP_COST_IN_STEPS
 from adai_lightning.callbacks.saddle_escape import LOSS_FLUSH_EVERY
 from test_curvature_callbacks import Net, column, fit, read_metrics
 from test_curvature_ddp import DDP_VARIABLES, free_port
@@ -32,8 +33,9 @@ class FakeClock:
 
 
 def no_training_time(callback, clock=None):
-    """Give ``callback``'s budget a clock on which training takes no time and each run 1 s: after
-    the forced first run, the budget allows nothing."""
+    """Give ``callback``'s budget a clock on which training takes no time and each run 1 s, and a
+    first run estimated to be free: the first candidate point runs, then the budget allows nothing."""
+    callback.estimated_cost = lambda step_seconds: 0.0
     clock = callback.budget.clock = clock or FakeClock()
     run = callback.on_cadence
 
@@ -66,21 +68,21 @@ def test_budget_arithmetic_with_a_fake_clock():
 
 
 def test_a_budgeted_loop_stays_within_the_budget_and_keeps_measuring():
-    """Steps of 10 ms, runs of 50 ms, 2 % budget: after the forced first run the overhead never exceeds
-    the budget, and the runs are as many as the budget pays for (not starved)."""
+    """Steps of 10 ms, runs of 50 ms, 2 % budget, the first run estimated right: the overhead never
+    exceeds the budget, and the runs are as many as the budget pays for (not starved)."""
     clock, max_overhead, cost, steps = FakeClock(), 0.02, 0.05, 20_000
     budget = OverheadBudget(max_overhead, clock=clock)
     budget.start()
+    budget.last_cost = cost  # the estimate before the first run
     runs_at = []
     for step in range(1, steps + 1):
         clock.now += 0.01
-        if step >= WARMUP_STEPS and (budget.runs == 0 or budget.allows()):
+        if step >= WARMUP_STEPS and budget.allows():
             with budget.measure():
                 clock.now += cost
             runs_at.append(step)
-            if budget.runs > 1:
-                assert budget.spent <= max_overhead * budget.training + 1e-9
-    assert runs_at[0] == WARMUP_STEPS
+            assert budget.spent <= max_overhead * budget.training + 1e-9
+    assert runs_at[0] == math.ceil(cost / max_overhead / 0.01)  # the first step whose training time pays for it
     assert len(runs_at) >= math.floor(max_overhead * steps * 0.01 / cost) - 1
 
 
@@ -123,7 +125,8 @@ class FakeTrainer:
 
 def test_the_decision_is_rank_zeros_and_broadcast_only_at_candidate_points():
     callback = HessianSharpness()
-    callback.budget.clock = FakeClock()  # no training time: locally, only the forced first run is allowed
+    callback.estimated_cost = lambda step_seconds: 0.0
+    callback.budget.clock = FakeClock()  # no training time: locally, only a first run estimated free is allowed
     strategy = Strategy([(True, None), (True, None), (False, 40)])
     trainer = FakeTrainer(strategy)
     callback.on_train_start(trainer, None)
@@ -139,8 +142,23 @@ def test_the_decision_is_rank_zeros_and_broadcast_only_at_candidate_points():
     assert not any(callback.step_is_due(trainer, step) for step in range(22, 40)) and len(strategy.sent) == 3
 
 
-def test_default_cadence_measures_at_least_once_on_a_short_fit(tmp_path):
+def test_default_cadence_measures_nothing_on_a_fit_too_short_to_pay_for_it_and_says_so(tmp_path):
+    """The first measurement is planned from its estimated cost (products x HVP_COST_IN_STEPS x the
+    mean step time): 30 steps at a 1.5 % budget cannot pay for 20 products."""
     callbacks = [HessianSharpness(), SaddleEscapeMonitor()]
+    assert [callback.products_per_point() for callback in callbacks] == [20, 21]
+    assert callbacks[0].estimated_cost(0.01) == pytest.approx(HVP_COST_IN_STEPS * 20 * 0.01)
+    with pytest.warns(UserWarning, match="measured nothing in this fit.*every_n_train_steps"):
+        rows = read_metrics(fit(Net(), callbacks, tmp_path, max_steps=30))
+    assert not column(rows, "sharpness/lambda_max") and not column(rows, "saddle/lambda_min")
+    assert all(callback.budget.runs == 0 and callback.budget.spent == 0.0 for callback in callbacks)
+    assert callbacks[0]._next_check > 30  # planned past the end of this fit
+
+
+def test_a_first_run_estimated_free_comes_at_step_10_or_the_last_step_of_a_shorter_fit(tmp_path):
+    callbacks = [HessianSharpness(), SaddleEscapeMonitor()]
+    for callback in callbacks:
+        callback.estimated_cost = lambda step_seconds: 0.0
     trainer = fit(Net(), callbacks, tmp_path / "short", max_steps=4)
     rows = read_metrics(trainer)
     assert [step for step, _ in column(rows, "sharpness/lambda_max")] == [3]  # the last step of a shorter fit
@@ -156,7 +174,7 @@ def test_default_cadence_measures_at_least_once_on_a_short_fit(tmp_path):
 
 
 def test_budgeted_schedule_on_a_fake_clock(tmp_path):
-    """1 s per training step, 1 s per measurement, 25 % budget: after the forced run at step 10 the
+    """1 s per training step, 1 s per measurement, 25 % budget: after the free-estimated run at step 10 the
     callback measures exactly when (runs + 1) s <= 0.25 x training s, i.e. at steps 11, 12, 16, 20, ..."""
     callback = HessianSharpness(max_overhead=0.25)
     clock = no_training_time(callback)
@@ -194,7 +212,7 @@ def test_budget_state_survives_a_checkpoint_and_resume_is_exact(tmp_path):
                                                                         torch.randint(0, 3, (96,))), batch_size=16)
     pl.Trainer(max_steps=30, accelerator="cpu", callbacks=[resumed], logger=False, enable_checkpointing=False,
                enable_progress_bar=False, enable_model_summary=False).fit(Net(), loader, ckpt_path=checkpoint)
-    assert resumed.budget.runs == 1  # the forced first run is not repeated after a resume
+    assert resumed.budget.runs == 1  # the first run is not repeated after a resume
 
 
 def test_saddle_losses_are_buffered_on_the_device_and_all_reach_the_detector(tmp_path):

@@ -18,6 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 
 from adai_lightning.callbacks._budget import OverheadBudget, check_max_overhead
 
@@ -35,12 +36,13 @@ class CadencedCallback(Callback):
     """A callback that acts every ``every_n_train_steps`` optimizer steps and/or ``every_n_epochs`` epochs,
     or, when both are None, as often as the overhead budget ``max_overhead`` allows.
 
-    Budgeted cadence: the first point is optimizer step :data:`WARMUP_STEPS` (or the fit's last
-    step if it is shorter), where the callback always runs, so every fit gets at least one
-    measurement. After that, candidate points are planned from the mean step time so far: at each
-    one the callback runs if its time so far plus the last run's time stays within
+    Budgeted cadence: the first candidate point is optimizer step :data:`WARMUP_STEPS` (or the
+    fit's last step if it is shorter); later ones are planned from the mean step time so far. At
+    each one the callback runs if its time so far plus the expected cost of a run stays within
     ``max_overhead`` of the training time (:class:`~adai_lightning.callbacks._budget.OverheadBudget`),
-    and otherwise plans the next candidate. Rank 0 decides and broadcasts its decision
+    and otherwise plans the next candidate. The expected cost is the last run's, or before the
+    first run :meth:`estimated_cost`: a fit too short to pay for one run measures nothing, and
+    the callback says so in one warning at the end of training. Rank 0 decides and broadcasts its decision
     (``trainer.strategy.broadcast``), at candidate points only, so every rank takes the same one.
     With a fixed cadence ``max_overhead`` is not used: every cadence point runs.
 
@@ -77,6 +79,11 @@ class CadencedCallback(Callback):
         """Compute and log; ``batch`` is the last training batch (None at an epoch end)."""
         raise NotImplementedError
 
+    def estimated_cost(self, step_seconds: float) -> float:
+        """Seconds one run is expected to take before any was timed, given the mean training step
+        time; the budget plans the first run with it. Subclasses with a budgeted cadence override it."""
+        return 0.0
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.budget is None:
             return
@@ -93,7 +100,9 @@ class CadencedCallback(Callback):
             return self._decision[1]
         if self._next_check is None or step < self._next_check:
             return False
-        run = self.budget.runs == 0 or self.budget.allows()
+        if self.budget.runs == 0:  # nothing timed yet: plan with the estimate
+            self.budget.last_cost = self.estimated_cost(self.budget.training / step)
+        run = self.budget.allows()
         later = None if run else step + self.budget.steps_until_allowed(step)
         run, later = trainer.strategy.broadcast((run, later), src=0)
         if later is not None:
@@ -121,6 +130,13 @@ class CadencedCallback(Callback):
         if self.every_n_epochs and (trainer.current_epoch + 1) % self.every_n_epochs == 0 \
                 and trainer.global_step != self._last_step:
             self._run(trainer, pl_module, None)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.budget is not None and self.budget.runs == 0:
+            rank_zero_warn(f"{type(self).__name__} measured nothing in this fit: one measurement is expected to "
+                           f"take about {self.budget.last_cost:.2g} s, more than max_overhead={self.max_overhead} "
+                           f"of its {self.budget.training:.1f} s of training allows. Pass every_n_train_steps "
+                           f"(a fixed cadence) or a larger max_overhead to measure a fit this short.")
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"last_step": self._last_step}

@@ -177,6 +177,10 @@ class HessianProbe:
 
 #: The Hessian callbacks' default budget: their own time at most 1.5 % of the training time.
 DEFAULT_MAX_OVERHEAD = 0.015
+#: A Hessian-vector product's cost in mean training steps, for planning the first measurement of a
+#: budgeted cadence: an HVP costs 2.2-2.9 forward+backward passes (docs/performance.md), and a
+#: training step more than one (optimizer, data, Lightning); about 1.6 on the default recipe.
+HVP_COST_IN_STEPS = 2.0
 
 
 class ProbedCallback(CadencedCallback):
@@ -189,6 +193,13 @@ class ProbedCallback(CadencedCallback):
                  seed: int) -> None:
         super().__init__(every_n_train_steps, every_n_epochs, max_overhead)
         self.probe = HessianProbe(type(self).__name__, num_batches, dataloader, loss_fn, train_mode, on_error, seed)
+
+    def products_per_point(self) -> int:
+        """Hessian-vector products (or gradients) one cadence point computes, at most."""
+        raise NotImplementedError
+
+    def estimated_cost(self, step_seconds: float) -> float:
+        return HVP_COST_IN_STEPS * self.products_per_point() * self.probe.num_batches * step_seconds
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "disabled": self.probe.disabled}

@@ -9,8 +9,8 @@ import lightning.pytorch as pl
 from adai_lightning.callbacks._cadence import log_scalars
 from adai_lightning.callbacks._hessian_probe import (DEFAULT_MAX_OVERHEAD, LossFn, ProbedCallback, check_choice,
                                                      check_int)
-from adai_lightning.curvature import (HessianOperator, hutch_plus_plus_trace, hutchinson_trace, lanczos_extremes,
-                                      power_top_k)
+from adai_lightning.curvature import (HessianOperator, default_lanczos_iters, hutch_plus_plus_trace,
+                                      hutchinson_trace, lanczos_extremes, power_top_k)
 
 TRACE_ESTIMATORS = {"hutchinson": hutchinson_trace, "hutch++": hutch_plus_plus_trace}
 
@@ -19,8 +19,9 @@ class HessianSharpness(ProbedCallback):
     """Logs the top-``top_k`` Hessian eigenvalues (and optionally the trace) every cadence point.
 
     Cadence: by default (``every_n_train_steps=None``, ``every_n_epochs=None``) as often as
-    ``max_overhead`` allows (the callback's time at most that fraction of the training time, first
-    at step 10, at least once per fit; see :class:`~adai_lightning.callbacks._cadence.CadencedCallback`).
+    ``max_overhead`` allows (the callback's time at most that fraction of the training time; the
+    first measurement is planned from an estimate of its cost, so a fit too short to pay for one
+    measures nothing and warns; see :class:`~adai_lightning.callbacks._cadence.CadencedCallback`).
     An explicit ``every_n_train_steps`` or ``every_n_epochs`` runs at every such point and
     ``max_overhead`` is then not used.
 
@@ -62,6 +63,11 @@ class HessianSharpness(ProbedCallback):
         self.trace_method = trace_method
         self.lanczos_iters = lanczos_iters
         self.power_iters = power_iters
+
+    def products_per_point(self) -> int:
+        eigen = (default_lanczos_iters(self.top_k) if self.lanczos_iters is None else self.lanczos_iters) \
+            if self.method == "lanczos" else self.top_k * self.power_iters
+        return eigen + self.trace_samples
 
     def _measure(self, operator: HessianOperator) -> dict[str, float]:
         generator, like = self.probe.generator(), operator.params[0]

@@ -165,6 +165,7 @@ class SaddleEscapeMonitor(ProbedCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._flush_losses()
         self._log_escapes(trainer)
+        super().on_train_end(trainer, pl_module)
 
     def _flush_losses(self) -> None:
         """Feed the buffered losses (mean over ranks: one all-reduce) to the plateau detector.
@@ -192,6 +193,9 @@ class SaddleEscapeMonitor(ProbedCallback):
         self._unlogged = []
 
     # -- cadence point --------------------------------------------------------------------------
+    def products_per_point(self) -> int:
+        return 1 + (self.lanczos_iters if self.method == "lanczos" else 3 * self.power_iters)  # and the gradient
+
     def _extremes(self, operator: HessianOperator) -> tuple[float, float, Tensor, Tensor]:
         generator, like = self.probe.generator(), operator.params[0]
         if self.method == "lanczos":

@@ -63,12 +63,17 @@ def lanczos(matvec: MatVec, start: Tensor, num_iters: int) -> EigenPairs:
     return EigenPairs(values, vectors / vectors.norm(dim=1, keepdim=True))
 
 
+def default_lanczos_iters(k: int) -> int:
+    """Lanczos iterations :func:`lanczos_extremes` runs for ``k`` eigenpairs unless told otherwise."""
+    return max(20, 3 * k + 10)
+
+
 def lanczos_extremes(matvec: MatVec, dim: int, k: int, which: str, generator: torch.Generator, like: Tensor,
                      num_iters: int | None = None) -> EigenPairs:
     """The ``k`` largest (``which="largest"``, descending) or smallest (ascending) eigenpairs."""
     if which not in ("largest", "smallest"):
         raise ValueError(f"Invalid which: {which!r}; it must be 'largest' or 'smallest'")
-    iters = num_iters if num_iters is not None else max(20, 3 * k + 10)
+    iters = num_iters if num_iters is not None else default_lanczos_iters(k)
     pairs = lanczos(matvec, random_unit(dim, generator, like), iters)
     order = torch.arange(len(pairs.values))
     order = order.flip(0)[:k] if which == "largest" else order[:k]
