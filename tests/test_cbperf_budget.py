@@ -2,9 +2,6 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -17,7 +14,7 @@ from adai_lightning.callbacks._cadence import WARMUP_STEPS
 from adai_lightning.callbacks._hessian_probe import HVP_COST_IN_STEPS
 from adai_lightning.callbacks.saddle_escape import LOSS_FLUSH_EVERY
 from test_curvature_callbacks import Net, column, fit, read_metrics
-from test_curvature_ddp import DDP_VARIABLES, free_port
+from test_curvature_ddp import run_ddp_script
 
 DDP_SCRIPT = Path(__file__).parent / "scripts" / "budget_ddp_fit.py"
 
@@ -231,13 +228,8 @@ def test_saddle_losses_are_buffered_on_the_device_and_all_reach_the_detector(tmp
 
 @pytest.mark.slow
 def test_ddp_ranks_take_identical_decisions(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in DDP_VARIABLES}
-    env["MASTER_PORT"] = str(free_port())
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
     out = tmp_path / "result.json"
-    completed = subprocess.run([sys.executable, str(DDP_SCRIPT), str(out)], env=env, timeout=300,
-                               capture_output=True, text=True)
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    run_ddp_script(DDP_SCRIPT, out, timeout=300)
     runs = json.loads(out.read_text())
     for name in ("HessianSharpness", "SaddleEscapeMonitor"):
         rank0, rank1 = runs["0"][name], runs["1"][name]

@@ -19,15 +19,20 @@ def free_port():
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_ddp_lambda_max_equals_single_process(tmp_path):
+def run_ddp_script(script, *args, timeout):
+    """Run a 2-process DDP script on a free port, with the repository importable; assert it succeeded."""
     env = {k: v for k, v in os.environ.items() if k not in DDP_VARIABLES}
     env["MASTER_PORT"] = str(free_port())
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
-    out = tmp_path / "result.json"
-    completed = subprocess.run([sys.executable, str(SCRIPT), str(out), str(tmp_path)], env=env, timeout=240,
+    completed = subprocess.run([sys.executable, str(script), *map(str, args)], env=env, timeout=timeout,
                                capture_output=True, text=True)
     assert completed.returncode == 0, completed.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_ddp_lambda_max_equals_single_process(tmp_path):
+    out = tmp_path / "result.json"
+    run_ddp_script(SCRIPT, out, tmp_path, timeout=240)
     result = json.loads(out.read_text())
     assert len(result["logged"]) == 1
     assert result["logged"][0] == pytest.approx(result["reference"], rel=1e-4)

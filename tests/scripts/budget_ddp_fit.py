@@ -8,23 +8,10 @@ import sys
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from adai_lightning.callbacks import HessianSharpness, SaddleEscapeMonitor
-
-
-class Net(pl.LightningModule):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
-
-    def training_step(self, batch, batch_idx):
-        return nn.functional.cross_entropy(self.body(batch[0]), batch[1])
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+from curvature_ddp_fit import Net  # this script's folder is on sys.path
 
 
 class FrozenClock:
