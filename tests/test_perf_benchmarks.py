@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,10 +31,24 @@ def test_callback_configurations():
     assert callback_overhead.configurations(["each", "all"], ["A"]) == {"A": ["A"]}
 
 
+def test_callback_hooks_are_timed_and_only_the_overridden_ones():
+    class Slow(callback_overhead.Callback):
+        def on_train_start(self, trainer, pl_module):
+            time.sleep(0.02)
+            return "started"
+
+    callback, own = Slow(), [0.0]
+    callback_overhead.time_hooks(callback, own)
+    assert callback.on_train_start(None, None) == "started" and own[0] >= 0.02
+    assert "on_train_start" in vars(callback) and "on_train_end" not in vars(callback)
+
+
 @pytest.mark.slow
-def test_callback_overhead_runs_without_callbacks():
-    out = _run("callback_overhead.py", "--configs", "none", "--repeats", "1", "--max-epochs", "1")
-    assert "| none |" in out and "1.000" in out
+def test_callback_overhead_runs_with_and_without_callbacks():
+    out = _run("callback_overhead.py", "--configs", "none", "all", "--repeats", "1", "--max-epochs", "1")
+    none = next(line for line in out.splitlines() if line.startswith("| none |"))
+    assert none.endswith("| 1.000 |")  # no callback, no own time
+    assert any(line.startswith("| all (InertiaMonitor") for line in out.splitlines())
 
 
 @pytest.mark.slow
