@@ -147,14 +147,14 @@ def supports(params: list[Tensor], grads: list[Tensor], state_dtype: torch.dtype
 _warned: set[str] = set()
 
 
-def use_native(requested: bool | None, params: list[Tensor], grads: list[Tensor], state_dtype: torch.dtype) -> bool:
-    """Whether the native kernel runs this bucket.
+def use_native(params: list[Tensor], grads: list[Tensor], state_dtype: torch.dtype) -> bool:
+    """Whether the native kernel runs this bucket (asked for ``fused`` None or True).
 
-    For ``fused`` None or True, outside ``torch.compile`` tracing, on buckets it :func:`supports`,
-    when the library can be built; otherwise the caller uses the compiled or foreach path (with one
-    warning per reason when the library cannot be built).
+    Outside ``torch.compile`` tracing, on buckets it :func:`supports`, when the library can be
+    built; otherwise the caller uses the compiled or foreach path (with one warning per reason when
+    the library cannot be built).
     """
-    if requested is False or torch.compiler.is_compiling() or not supports(params, grads, state_dtype):
+    if torch.compiler.is_compiling() or not supports(params, grads, state_dtype):
         return False
     library = _library()
     if not isinstance(library, str):

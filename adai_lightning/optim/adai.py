@@ -70,10 +70,11 @@ class _GroupWork:
     def passes(self, bucket: tuple) -> tuple[Callable[..., Tensor], Callable[..., None]]:
         """The pass-1 and pass-2 functions for one bucket: native (CPU), compiled, foreach or single-tensor."""
         params, grads, exp_avgs = bucket[:3]
-        if self.fused is not False and _native.use_native(self.fused, params, grads, exp_avgs[0].dtype):
-            return _native.vhat_sum_native, _native.inertia_update_native
-        if self.fused is not False and _fused.use_fused(self.fused, params, grads, exp_avgs[0].dtype, self.hyper):
-            return _fused.vhat_sum_fused, _fused.inertia_update_fused
+        if self.fused is not False:
+            if _native.use_native(params, grads, exp_avgs[0].dtype):
+                return _native.vhat_sum_native, _native.inertia_update_native
+            if _fused.use_fused(self.fused, params, grads, exp_avgs[0].dtype, self.hyper):
+                return _fused.vhat_sum_fused, _fused.inertia_update_fused
         if self.foreach:
             return F.second_moment_foreach, F.inertia_update_foreach
         return F.second_moment_single_tensor, F.inertia_update_single_tensor
