@@ -13,7 +13,7 @@ Histograms, computed by the callback, go to loggers whose experiment has ``add_h
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -160,13 +160,17 @@ def log_scalars(trainer: pl.Trainer, metrics: dict[str, float], step: int | None
         logger.log_metrics(metrics, step=step)
 
 
+def histogram_writers(trainer: pl.Trainer) -> list[Callable[..., None]]:
+    """The ``add_histogram_raw`` of every logger that can show a histogram (TensorBoard); none off rank zero."""
+    if not trainer.is_global_zero:
+        return []
+    writers = (getattr(logger.experiment, "add_histogram_raw", None) for logger in trainer.loggers)
+    return [writer for writer in writers if writer is not None]
+
+
 def log_histogram(trainer: pl.Trainer, key: str, histogram: Any) -> None:
     """Add a precomputed histogram (``add_histogram_raw``'s arguments as a NamedTuple) to every logger
     that can show one (TensorBoard), on rank zero."""
-    if not trainer.is_global_zero:
-        return
     step = trainer.fit_loop.epoch_loop._batches_that_stepped
-    for logger in trainer.loggers:
-        add_histogram_raw = getattr(logger.experiment, "add_histogram_raw", None)
-        if add_histogram_raw is not None:
-            add_histogram_raw(key, *histogram, global_step=step)
+    for add_histogram_raw in histogram_writers(trainer):
+        add_histogram_raw(key, *histogram, global_step=step)

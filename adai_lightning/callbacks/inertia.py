@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.optim import Optimizer
 
-from adai_lightning.callbacks._cadence import CadencedCallback, log_histogram, log_scalars
+from adai_lightning.callbacks._cadence import CadencedCallback, histogram_writers, log_histogram, log_scalars
 from adai_lightning.optim import Adai
 
 STATS = ("mean", "std", "q05", "q25", "q50", "q75", "q95", "frac_zero", "frac_max", "ratio_mean")
@@ -254,11 +254,6 @@ def constant_statistics(optimizer: Optimizer, read: Callable[[dict], float], nam
             for stat, value in constant_summary(momentum[name] for name in members).items()}
 
 
-def _histogram_wanted(trainer: pl.Trainer) -> bool:
-    """Whether a logger can show histograms here (rank zero, an experiment with ``add_histogram_raw``)."""
-    return trainer.is_global_zero and any(hasattr(logger.experiment, "add_histogram_raw") for logger in trainer.loggers)
-
-
 def _is_adai(optimizer: Optimizer) -> bool:
     return isinstance(optimizer, Adai) or (isinstance(optimizer, ZeroRedundancyOptimizer)
                                            and isinstance(optimizer.optim, Adai))
@@ -308,7 +303,7 @@ class InertiaMonitor(CadencedCallback):
             names = parameter_names(pl_module, optimizer)
             if _is_adai(optimizer):
                 histogram = (lambda key, data: log_histogram(trainer, prefix + key, data)) \
-                    if self.histograms and _histogram_wanted(trainer) else None
+                    if self.histograms and histogram_writers(trainer) else None
                 scalars = adai_statistics(param_inertia(optimizer, names), self.per_parameter, histogram)
             elif (read := momentum_reader(optimizer)) is not None:
                 scalars = constant_statistics(optimizer, read, names, self.per_parameter)
