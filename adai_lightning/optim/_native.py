@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from adai_lightning.optim._functional import AdaiHyper
+from adai_lightning.optim._functional import AdaiHyper, bias_correction
 from adai_lightning.optim._fused import _flat
 
 SOURCE = Path(__file__).with_name("adai_cpu.c")
@@ -115,8 +115,8 @@ def _declare(library: ctypes.CDLL) -> ctypes.CDLL:
         sums = getattr(library, f"adai_sums_{suffix}")
         sums.argtypes = [i64, pointer, pointer, pointer, pointer, pointer, hyper, pointer, ctypes.c_int]
         update = getattr(library, f"adai_update_{suffix}")
-        update.argtypes = [i64, pointer, pointer, pointer, pointer, pointer, pointer, pointer, pointer, hyper,
-                           ctypes.c_int]
+        update.argtypes = [i64, pointer, pointer, pointer, pointer, pointer, pointer, pointer, pointer, pointer,
+                           hyper, ctypes.c_int]
         sums.restype = update.restype = ctypes.c_int
     return library
 
@@ -200,20 +200,31 @@ def _check(status: int) -> None:
         raise MemoryError("Adai's native CPU step could not allocate its work list")
 
 
-def _bias_corrections(hyper: AdaiHyper, steps: list[int], indices: list[int]) -> ctypes.Array:
+def _bias_corrections(hyper: AdaiHyper, steps: list[int] | list[Tensor], indices: list[int]
+                      ) -> ctypes.Array | Tensor:
+    """``1 - beta2**step`` of the tensors at ``indices``, for the library's ``bias2`` argument: a C array
+    for int steps, a float64 tensor (computed without reading the counts on the host) for step tensors."""
+    if isinstance(steps[0], Tensor):
+        return bias_correction(hyper.beta2, torch.stack([steps[i] for i in indices])).contiguous()
     return _array([1.0 - hyper.beta2 ** steps[i] for i in indices], ctypes.c_double)
 
 
+def _address(values: ctypes.Array | Tensor) -> ctypes.Array | int:
+    return values.data_ptr() if isinstance(values, Tensor) else values
+
+
 def vhat_sum_native(params: list[Tensor], grads: list[Tensor], exp_avg_sqs: list[Tensor], steps: list[int],
-                    hyper: AdaiHyper) -> Tensor:
-    """Pass 1: ``sum(vhat)`` (float64, 0-dim) of the updated second moment; changes no tensor."""
+                    hyper: AdaiHyper, found_inf: Tensor | None = None) -> Tensor:
+    """Pass 1: ``sum(vhat)`` (float64, 0-dim) of the updated second moment; changes no tensor (so
+    ``found_inf`` is not needed: a skipped step's sum may be NaN, and pass 2 then writes nothing)."""
     library, suffix = _library(), _SUFFIX[params[0].dtype]
     threads, c_hyper, total = torch.get_num_threads(), _Hyper.of(hyper), 0.0
     for (p, g, v), indices, _ in _runs([params, grads, exp_avg_sqs]):
         out = ctypes.c_double()
+        bias2 = _bias_corrections(hyper, steps, indices)
         status = getattr(library, f"adai_sums_{suffix}")(
             len(indices), *(_array([t.data_ptr() for t in lst]) for lst in (p, g, v)),
-            _array([t.numel() for t in p], ctypes.c_int64), _bias_corrections(hyper, steps, indices),
+            _array([t.numel() for t in p], ctypes.c_int64), _address(bias2),
             ctypes.byref(c_hyper), ctypes.byref(out), threads)
         _check(status)
         total += out.value
@@ -222,17 +233,20 @@ def vhat_sum_native(params: list[Tensor], grads: list[Tensor], exp_avg_sqs: list
 
 def inertia_update_native(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                           exp_avg_sqs: list[Tensor], beta1_prods: list[Tensor], steps: list[int], vbar: Tensor,
-                          hyper: AdaiHyper) -> None:
-    """Pass 2: second moment, inertia, momentum and parameter update, in place."""
+                          hyper: AdaiHyper, found_inf: Tensor | None = None) -> None:
+    """Pass 2: second moment, inertia, momentum and parameter update, in place; nothing at all when
+    ``found_inf`` (a CPU float32 scalar, read by the kernel itself) is nonzero."""
     library, suffix = _library(), _SUFFIX[params[0].dtype]
     threads, c_hyper = torch.get_num_threads(), _Hyper.of(hyper)
     mean = vbar.to(torch.float64)  # kept alive for the call, which reads it through its pointer
+    skip = None if found_inf is None else found_inf.to(torch.float32).contiguous()  # likewise
     originals = [params, grads, exp_avgs, exp_avg_sqs, beta1_prods]
     for operands, indices, copied in _runs(originals):
+        bias2 = _bias_corrections(hyper, steps, indices)
         status = getattr(library, f"adai_update_{suffix}")(
             len(indices), *(_array([t.data_ptr() for t in lst]) for lst in operands),
-            _array([t.numel() for t in operands[0]], ctypes.c_int64),
-            _bias_corrections(hyper, steps, indices), mean.data_ptr(), ctypes.byref(c_hyper), threads)
+            _array([t.numel() for t in operands[0]], ctypes.c_int64), _address(bias2), mean.data_ptr(),
+            None if skip is None else skip.data_ptr(), ctypes.byref(c_hyper), threads)
         _check(status)
         if copied:
             for lst, flat in zip(originals, operands):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -55,39 +57,51 @@ class Inertia(NamedTuple):
 
 @dataclass
 class _GroupWork:
-    """The tensors of one param group that take part in this step."""
+    """The parameters of one param group that take part in this step, and (once counted) their state."""
 
     hyper: F.AdaiHyper
-    params: list[Tensor]
+    members: list[Tensor]  # the parameters themselves (the keys of ``Adai.state``)
+    params: list[Tensor]  # their local parts (a DTensor's own shard), as the passes see them
     grads: list[Tensor]
-    exp_avgs: list[Tensor]
-    exp_avg_sqs: list[Tensor]
-    beta1_prods: list[Tensor]
-    steps: list[int]
     foreach: bool
-    fused: bool | None = False
+    fused: bool | None
+    guarded: bool  # skip_nonfinite: the steps are device tensors, the passes get ``found_inf``
+    states: list[dict[str, Any]] = field(default_factory=list)
 
-    def passes(self, bucket: tuple) -> tuple[Callable[..., Tensor], Callable[..., None]]:
-        """The pass-1 and pass-2 functions for one bucket: native (CPU), compiled, foreach or single-tensor."""
-        params, grads, exp_avgs = bucket[:3]
+    def passes(self, params: list[Tensor], grads: list[Tensor]) -> tuple[Callable[..., Tensor], Callable[..., None]]:
+        """The pass-1 and pass-2 functions for one bucket: native (CPU), compiled, foreach or single-tensor.
+
+        A guarded step runs the paths that take ``found_inf`` and step tensors (native, foreach,
+        single-tensor); the compiled kernels take Python int steps, so such a bucket runs foreach.
+        """
+        dtype = state_dtype(params[0])
         if self.fused is not False:
-            if _native.use_native(params, grads, exp_avgs[0].dtype):
+            if _native.use_native(params, grads, dtype):
                 return _native.vhat_sum_native, _native.inertia_update_native
-            if _fused.use_fused(self.fused, params, grads, exp_avgs[0].dtype, self.hyper):
+            if not self.guarded and _fused.use_fused(self.fused, params, grads, dtype, self.hyper):
                 return _fused.vhat_sum_fused, _fused.inertia_update_fused
         if self.foreach:
             return F.second_moment_foreach, F.inertia_update_foreach
         return F.second_moment_single_tensor, F.inertia_update_single_tensor
 
-    def buckets(self) -> Iterator[tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[Tensor], list[int]]]:
-        """Sublists of one device and dtype each (what the foreach kernels need); one list otherwise."""
-        lists = [self.params, self.grads, self.exp_avgs, self.exp_avg_sqs, self.beta1_prods]
+    def buckets(self) -> list[tuple[list[int], tuple[Callable[..., Tensor], Callable[..., None]]]]:
+        """Index lists of one device and dtype each (what the foreach kernels need; one list otherwise),
+        with the passes that will run them: chosen, and any refusal raised, before anything changes."""
         if not (self.foreach or self.fused):
-            yield (*lists, self.steps)
-            return
-        grouped = Optimizer._group_tensors_by_device_and_dtype(lists, with_indices=True)
-        for bucket, indices in grouped.values():
-            yield (*bucket, [self.steps[i] for i in indices])
+            groups = [list(range(len(self.params)))]
+        else:
+            grouped = Optimizer._group_tensors_by_device_and_dtype([self.params, self.grads], with_indices=True)
+            groups = [indices for _, indices in grouped.values()]
+        return [(indices, self.passes([self.params[i] for i in indices], [self.grads[i] for i in indices]))
+                for indices in groups]
+
+    def operands(self, indices: list[int]) -> tuple[list[Tensor], ...]:
+        """``params, grads, exp_avgs, exp_avg_sqs, beta1_prods, steps`` of the tensors at ``indices``."""
+        local = distributed.local_part
+        states = [self.states[i] for i in indices]
+        return ([self.params[i] for i in indices], [self.grads[i] for i in indices],
+                *([local(state[key]) for state in states] for key in _STATE_TENSORS),
+                [state["step"] for state in states])
 
 
 class Adai(Optimizer):
@@ -136,9 +150,14 @@ class Adai(Optimizer):
             sharding="partitioned")``); ``"replicated"`` never communicates.
         process_group: the ranks ``vbar`` is reduced over (``None``: the default group). Cost: one
             all-reduce of 16 bytes per step, asynchronous, without host synchronisation.
+        skip_nonfinite: when a gradient holds a NaN or an infinity, change nothing in this step
+            (parameters, state, step counts) and add 1 to :attr:`skipped_steps`; decided on the
+            device, without host synchronisation (like fused Adam's ``found_inf``). Off by default,
+            and then one non-finite gradient makes ``vbar`` and every parameter non-finite, visibly.
 
     State per parameter (keys as in the authors' reference implementation, whose checkpoints load):
-    ``step`` (int), ``exp_avg`` (m), ``exp_avg_sq`` (v), ``beta1_prod`` (P, per element). The three
+    ``step`` (int; with ``skip_nonfinite`` a float32 0-dim tensor on the parameter's device, as in
+    torch's fused Adam), ``exp_avg`` (m), ``exp_avg_sq`` (v), ``beta1_prod`` (P, per element). The three
     tensors are kept in float32 for float16/bfloat16 parameters and in the parameter's dtype
     otherwise; sums behind ``vbar`` accumulate in float32 (float64 when any state is float64).
 
@@ -165,8 +184,11 @@ class Adai(Optimizer):
         fused: bool | None = None,
         sharding: str = "auto",
         process_group: Any = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         validate_hyperparameters(lr, betas, eps, weight_decay, dampening)
+        if not isinstance(skip_nonfinite, bool):
+            raise TypeError(f"Invalid skip_nonfinite: {skip_nonfinite!r}; it must be True or False")
         distributed.validate_sharding(sharding)
         if fused not in (None, True, False):
             raise ValueError(f"Invalid fused: {fused!r}; it must be None, True or False")
@@ -188,6 +210,9 @@ class Adai(Optimizer):
         # Attributes, not defaults: a process group must not end up in the state dict's param_groups.
         self.sharding = sharding
         self.process_group = process_group
+        self.skip_nonfinite = skip_nonfinite
+        #: Steps skipped for a non-finite gradient (float32 0-dim, on the parameters' device once stepped).
+        self.skipped_steps = torch.zeros(())
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group after checking its hyperparameters and that its parameters are real floats."""
@@ -208,6 +233,8 @@ class Adai(Optimizer):
         self.__dict__.setdefault("last_vbar", None)
         self.__dict__.setdefault("sharding", "auto")
         self.__dict__.setdefault("process_group", None)
+        self.__dict__.setdefault("skip_nonfinite", False)
+        self.__dict__.setdefault("skipped_steps", torch.zeros(()))
         for group in self.param_groups:
             for key in ("decoupled", "maximize"):
                 group.setdefault(key, False)
@@ -215,9 +242,17 @@ class Adai(Optimizer):
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict plus ``skipped_steps``."""
+        state_dict = super().state_dict()
+        state_dict["skipped_steps"] = self.skipped_steps
+        return state_dict
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load state, keeping it in Adai's own precision (torch would cast it to the parameter's dtype)."""
         super().load_state_dict(state_dict)
+        skipped = torch.as_tensor(state_dict.get("skipped_steps", 0.0), dtype=torch.float32)
+        self.skipped_steps = skipped.to(self.skipped_steps.device, copy=True)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         for saved_id, param in zip(saved_ids, params):
@@ -255,28 +290,47 @@ class Adai(Optimizer):
         )
 
     def _gather(self, group: dict[str, Any]) -> _GroupWork:
-        """Collect the group's parameters that have a gradient, create their state, count the step."""
-        work = _GroupWork(self._hyper(group), [], [], [], [], [], [], foreach=False)
-        for param in group["params"]:
-            if param.grad is None:
-                continue
-            if param.grad.is_sparse:
-                raise ValueError("Adai does not support sparse gradients; use dense gradients (e.g. sparse=False)")
-            state = self._init_state(param)
-            state["step"] += 1
-            local = distributed.local_part  # a DTensor's own shard; plain tensors pass through
-            work.params.append(local(param))
-            work.grads.append(local(param.grad))
-            work.exp_avgs.append(local(state["exp_avg"]))
-            work.exp_avg_sqs.append(local(state["exp_avg_sq"]))
-            work.beta1_prods.append(local(state["beta1_prod"]))
-            work.steps.append(state["step"])
+        """Collect the group's parameters that have a gradient, and check them; changes nothing."""
+        members = [param for param in group["params"] if param.grad is not None]
+        if any(param.grad.is_sparse for param in members):
+            raise ValueError("Adai does not support sparse gradients; use dense gradients (e.g. sparse=False)")
+        local = distributed.local_part  # a DTensor's own shard; plain tensors pass through
+        params = [local(param) for param in members]
         foreach = group["foreach"]
         if foreach is None:
-            foreach = all(type(p) in _FOREACH_TYPES for p in work.params)
-        work.foreach = foreach
-        work.fused = group["fused"] if foreach or group["fused"] else False
-        return work
+            foreach = all(type(p) in _FOREACH_TYPES for p in params)
+        fused = group["fused"] if foreach or group["fused"] else False
+        return _GroupWork(self._hyper(group), members, params, [local(param.grad) for param in members],
+                          foreach, fused, self.skip_nonfinite)
+
+    def _count_steps(self, works: list[_GroupWork], found_inf: Tensor | None) -> None:
+        """Create the state of first-time parameters and add 1 to every step count (0 in a skipped step).
+
+        Unguarded counts are Python ints. Guarded ones are float32 device tensors incremented by
+        ``1 - found_inf`` on the device (an int count, e.g. from a checkpoint, is converted once).
+        """
+        counters: dict[torch.device, list[Tensor]] = defaultdict(list)
+        for work in works:
+            work.states = [self._init_state(param) for param in work.members]
+            for param, state in zip(work.params, work.states):
+                step = state["step"]
+                if found_inf is None:
+                    state["step"] = int(step) + 1  # int() reads a guarded count back once, if the mode changed
+                    continue
+                if not isinstance(step, Tensor) or step.device != param.device:
+                    step = state["step"] = torch.full((), float(step), dtype=torch.float32, device=param.device)
+                counters[step.device].append(step)
+        for device, steps in counters.items():
+            torch._foreach_add_(steps, 1.0 - found_inf.to(device, non_blocking=True))
+
+    def _found_inf(self, works: list[_GroupWork]) -> Tensor:
+        """1.0 when any gradient of this step is non-finite (0-dim float32, device-side), agreed by all ranks
+        that share ``vbar`` (each holds only its part of the gradients when they are sharded)."""
+        grads = [grad for work in works for grad in work.grads]
+        found_inf = F.nonfinite_flag(grads, grads[0].device)
+        if distributed.needs_reduction(self.sharding, (p for group in self.param_groups for p in group["params"])):
+            dist.all_reduce(found_inf, op=dist.ReduceOp.MAX, group=self.process_group)
+        return found_inf
 
     def _global_mean(self, total: Tensor, count: int) -> Tensor:
         """``vbar`` from this rank's sum of vhat and element count (DTensors: their local shards).
@@ -296,26 +350,50 @@ class Adai(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        # Every check that can refuse the step (sparse gradients, a path that cannot run) comes before
+        # the first change, so a refused step leaves the optimizer as it was.
         works = [work for work in map(self._gather, self.param_groups) if work.params]
         if not works:
             if self.sharding == "partitioned":  # the other ranks wait for this rank's share of vbar
                 anchor = self.param_groups[0]["params"][0]
                 self._global_mean(anchor.new_zeros((), dtype=state_dtype(anchor)), 0)
             return loss
+        plan = [(work, indices, passes) for work in works for indices, passes in work.buckets()]
+        found_inf = self._found_inf(works) if self.skip_nonfinite else None
+        self._count_steps(works, found_inf)
 
-        plan = [(work.hyper, bucket, work.passes(bucket)) for work in works for bucket in work.buckets()]
+        def guard(device: torch.device) -> dict[str, Tensor]:
+            return {} if found_inf is None else {"found_inf": found_inf.to(device, non_blocking=True)}
+
         sums = []
-        for hyper, (params, grads, _, exp_avg_sqs, _, steps), (second_moment, _) in plan:
-            sums.append(second_moment(params, grads, exp_avg_sqs, steps, hyper))
+        for work, indices, (second_moment, _) in plan:
+            params, grads, _, exp_avg_sqs, _, steps = work.operands(indices)
+            sums.append(second_moment(params, grads, exp_avg_sqs, steps, work.hyper, **guard(params[0].device)))
         acc_dtype = torch.float64 if any(s.dtype == torch.float64 for s in sums) else torch.float32
         total = torch.stack([s.to(device=sums[0].device, dtype=acc_dtype) for s in sums]).sum()
         count = sum(p.numel() for work in works for p in work.params)
         vbar = self._global_mean(total, count)
-        self.last_vbar = vbar
+        if found_inf is not None:
+            vbar = self._guard_vbar(vbar, found_inf)
+        else:
+            self.last_vbar = vbar
 
-        for hyper, (params, grads, exp_avgs, exp_avg_sqs, beta1_prods, steps), (_, update) in plan:
-            update(params, grads, exp_avgs, exp_avg_sqs, beta1_prods, steps, vbar.to(exp_avgs[0].device), hyper)
+        for work, indices, (_, update) in plan:
+            params, grads, exp_avgs, exp_avg_sqs, beta1_prods, steps = work.operands(indices)
+            device = exp_avgs[0].device
+            update(params, grads, exp_avgs, exp_avg_sqs, beta1_prods, steps, vbar.to(device), work.hyper,
+                   **guard(device))
         return loss
+
+    def _guard_vbar(self, vbar: Tensor, found_inf: Tensor) -> Tensor:
+        """Count a skipped step, keep :attr:`last_vbar` of the last applied step, and return the ``vbar``
+        the passes get: 1 in a skipped step, where the sum over a NaN gradient may be non-finite."""
+        skip = found_inf.to(vbar.device) > 0
+        previous = self.last_vbar if self.last_vbar is not None else torch.full_like(vbar, float("nan"))
+        self.last_vbar = torch.where(skip, previous.to(device=vbar.device, dtype=vbar.dtype), vbar)
+        self.skipped_steps = self.skipped_steps.to(found_inf.device)
+        self.skipped_steps.add_(found_inf)
+        return torch.where(skip, torch.ones_like(vbar), vbar)
 
     @torch.no_grad()
     def inertia(self) -> Iterator[Inertia]:
@@ -336,7 +414,7 @@ class Adai(Optimizer):
                 if not state:
                     continue
                 exp_avg_sq = state["exp_avg_sq"]
-                vhat = distributed.local_part(exp_avg_sq) / (1.0 - hyper.beta2 ** state["step"])
+                vhat = distributed.local_part(exp_avg_sq) / F.bias_correction(hyper.beta2, state["step"])
                 ratio = vhat / self.last_vbar.to(device=vhat.device, dtype=vhat.dtype)
                 beta1 = F.inertia_from_ratio(ratio.clone(), hyper)
                 yield Inertia(param, distributed.shaped_like(exp_avg_sq, ratio), distributed.shaped_like(exp_avg_sq, beta1))
@@ -362,7 +440,9 @@ class AdaiW(Adai):
         fused: bool | None = None,
         sharding: str = "auto",
         process_group: Any = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         super().__init__(
-            params, lr, betas, eps, weight_decay, decoupled, dampening, maximize, foreach, fused, sharding, process_group
+            params, lr, betas, eps, weight_decay, decoupled, dampening, maximize, foreach, fused, sharding, process_group,
+            skip_nonfinite,
         )

@@ -8,8 +8,10 @@
  * out dynamically (a thread that loses its core to another process does not hold up the rest).
  * The chunking does not depend on the thread count, and partial sums are added in chunk order, so
  * the results are the same for any number of threads and any scheduling. Built without OpenMP
- * (a compiler without -fopenmp), the pragmas are ignored and the loops run on one thread. The arithmetic follows the compiled kernels of
- * _fused.py operation by operation, in the tensors' own precision (float64 only for the sums).
+ * (a compiler without -fopenmp), the pragmas are ignored and the loops run on one thread. The arithmetic follows the eager paths of
+ * _functional.py operation by operation, in the tensors' own precision (float64 only for the sums); like them
+ * it forms the coefficients (1 - beta2, 1 - eps, the decay, the step scale) in double before rounding them to
+ * the element type (1 - (float)0.9999 is off by 6e-5 relative; (float)(1 - 0.9999) by at most 6e-8).
  * Pass 1 reads v as well as g (rather than carrying sum(v) from step to step): its result then
  * depends only on the state, so a run resumed from a checkpoint continues bit for bit.
  * Comparisons are written so that a NaN propagates as it does in torch.clamp/minimum.
@@ -57,13 +59,13 @@ static chunk_t *make_chunks(int64_t n, const int64_t *numel, int64_t *count) {
 /* sum over [start, stop) of the new v = beta2 * v + (1 - beta2) * g * g, accumulated in double */   \
 INLINE double sums_chunk_##S(const T *restrict g_, const T *restrict p_, const T *restrict v_,     \
                              int64_t start, int64_t stop, const adai_hyper *h, int use_l2) {        \
-    const T sign = (T)h->sign, l2 = (T)h->l2, beta2 = (T)h->beta2, one = (T)1;                    \
+    const T sign = (T)h->sign, l2 = (T)h->l2, beta2 = (T)h->beta2, weight2 = (T)(1.0 - h->beta2); \
     double acc = 0.0;                                                                              \
     _Pragma("omp simd reduction(+:acc)")                                                           \
     for (int64_t i = start; i < stop; ++i) {                                                       \
         T g = g_[i] * sign;                                                                        \
         if (use_l2) g = g + l2 * p_[i];                                                            \
-        acc += (double)(v_[i] * beta2 + (one - beta2) * (g * g));                                  \
+        acc += (double)(v_[i] * beta2 + weight2 * (g * g));                                        \
     }                                                                                              \
     return acc;                                                                                    \
 }                                                                                                  \
@@ -103,13 +105,14 @@ INLINE void update_chunk_##S(T *restrict p_, const T *restrict g_, T *restrict m
                              T *restrict v_, T *restrict P_, int64_t start, int64_t stop,           \
                              T bias2, T mean, const adai_hyper *h, int use_l2, int damped) {        \
     const T sign = (T)h->sign, l2 = (T)h->l2, beta2 = (T)h->beta2, beta0 = (T)h->beta0;           \
+    const T weight2 = (T)(1.0 - h->beta2);                                                         \
     const T max_beta1 = (T)h->max_beta1, decay = (T)h->decay, scale = -(T)h->step_scale;          \
     const T exponent = (T)h->exponent, dampening = (T)h->dampening, one = (T)1, zero = (T)0;      \
     _Pragma("omp simd")                                                                            \
     for (int64_t i = start; i < stop; ++i) {                                                       \
         T g = g_[i] * sign;                                                                        \
         if (use_l2) g = g + l2 * p_[i];                                                            \
-        const T v = v_[i] * beta2 + (one - beta2) * (g * g);                                       \
+        const T v = v_[i] * beta2 + weight2 * (g * g);                                             \
         T ratio = v / bias2 / mean;                                                                \
         if (damped) ratio = pow(ratio, exponent);                                                  \
         T beta1 = one - beta0 * ratio;                                                             \
@@ -127,10 +130,13 @@ INLINE void update_chunk_##S(T *restrict p_, const T *restrict g_, T *restrict m
 }                                                                                                  \
                                                                                                    \
 /* Pass 2: second moment, inertia, momentum, its product and the parameter, in one sweep.        \
- * bias2[t] = 1 - beta2**step of tensor t; vbar points at the (float64) mean of vhat. */          \
+ * bias2[t] = 1 - beta2**step of tensor t; vbar points at the (float64) mean of vhat; found_inf  \
+ * is NULL or points at a float that is nonzero when this step must change nothing. */           \
 int adai_update_##S(int64_t n, T *const *params, T *const *grads, T *const *exp_avgs,            \
                     T *const *exp_avg_sqs, T *const *beta1_prods, const int64_t *numel,            \
-                    const double *bias2, const double *vbar, const adai_hyper *h, int threads) {   \
+                    const double *bias2, const double *vbar, const float *found_inf,               \
+                    const adai_hyper *h, int threads) {                                            \
+    if (found_inf && *found_inf != 0.0f) return 0;                                                 \
     int64_t count = 0;                                                                             \
     chunk_t *chunks = make_chunks(n, numel, &count);                                               \
     if (!chunks) return -1;                                                                        \
