@@ -305,6 +305,8 @@ class InertiaMonitor(CadencedCallback):
                 histogram = (lambda key, data: log_histogram(trainer, prefix + key, data)) \
                     if self.histograms and histogram_writers(trainer) else None
                 scalars = adai_statistics(param_inertia(optimizer, names), self.per_parameter, histogram)
+                if (adai := getattr(optimizer, "optim", optimizer)).skip_nonfinite:  # ZeRO wraps Adai in .optim
+                    scalars["skipped_steps"] = float(adai.skipped_steps)
             elif (read := momentum_reader(optimizer)) is not None:
                 scalars = constant_statistics(optimizer, read, names, self.per_parameter)
             else:

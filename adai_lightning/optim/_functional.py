@@ -18,7 +18,7 @@ Skipping a step on the device (``Adai(skip_nonfinite=True)``): every pass takes 
 paths below cannot branch on it without reading it on the host, so they make the step an exact
 identity instead: the gradient becomes 0 (``torch.where``), the coefficients that would move ``v``
 and ``p`` become 1 (decay, ``beta2``, ``beta1``) and the denominator of the update becomes
-infinite, so every in-place operation writes back the value it read. The step counts are then
+infinite, so every in-place operation writes back the value it read (``x * 1 + 0 == x`` exactly). The step counts are then
 0-dim device tensors (see :func:`bias_correction`).
 """
 
@@ -179,8 +179,8 @@ def inertia_update_single_tensor(
         beta1_prod.mul_(beta1)
         exp_avg.mul_(beta1).addcmul_((1.0 - beta1).pow_(hyper.dampening), g)
         denominator = 1.0 - beta1_prod
-        if guard is not None:
-            denominator = denominator / guard.keep  # infinite in a skipped step: the update is 0
+        if guard is not None:  # infinite in a skipped step (also where P = 1 still): the update is 0
+            denominator = (denominator + guard.found) / guard.keep
         update = exp_avg / denominator
         param.add_(update.mul_(-hyper.step_scale).to(param.dtype))
 
@@ -256,7 +256,8 @@ def inertia_update_foreach(
     torch._foreach_copy_(denominator, beta1_prods)
     torch._foreach_neg_(denominator)
     torch._foreach_add_(denominator, 1.0)
-    if guard is not None:  # infinite in a skipped step: the update is 0
+    if guard is not None:  # infinite in a skipped step (also where P = 1 still): the update is 0
+        torch._foreach_add_(denominator, guard.found)
         torch._foreach_div_(denominator, guard.keep)
     if params[0].dtype == dtype:
         torch._foreach_addcdiv_(params, exp_avgs, denominator, value=-hyper.step_scale)
