@@ -315,3 +315,87 @@ def test_step_never_reads_device_values_on_the_host(monkeypatch: pytest.MonkeyPa
         monkeypatch.setattr(torch.Tensor, name, forbidden)
     for opt in opts:
         opt.step()
+
+
+@pytest.mark.parametrize("case", ["sparse_last", "fused_on_meta"])
+def test_a_refused_step_changes_nothing(case: str) -> None:
+    """Every parameter is checked before the first change: a step that raises leaves params and state as they were."""
+    dense = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
+    opt = Adai([{"params": dense}], fused=True if case == "fused_on_meta" else None)
+    for p in dense:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    if case == "sparse_last":
+        emb = torch.nn.Embedding(10, 3, sparse=True)
+        opt.add_param_group({"params": list(emb.parameters())})
+        emb(torch.tensor([1, 2])).sum().backward()
+        error = ValueError
+    else:
+        meta = torch.nn.Parameter(torch.randn(4, device="meta"))
+        meta.grad = torch.randn(4, device="meta")
+        opt.add_param_group({"params": [meta]})
+        error = RuntimeError
+    before = copy.deepcopy(opt.state_dict())
+    params_before = [p.detach().clone() for p in dense]
+    with pytest.raises(error):
+        opt.step()
+    after = opt.state_dict()
+    assert [s["step"] for s in after["state"].values()] == [s["step"] for s in before["state"].values()]
+    for key, state in before["state"].items():
+        assert all(torch.equal(state[k], after["state"][key][k]) for k in ("exp_avg", "exp_avg_sq", "beta1_prod"))
+    assert all(torch.equal(p, q) for p, q in zip(dense, params_before))
+
+
+def test_torch_distributed_checkpoint_round_trip_with_int_steps(tmp_path) -> None:
+    """``step`` stays a Python int (see docs/performance.md): torch.distributed.checkpoint's state-dict API and
+    its save/load handle it, and resuming through them is bitwise."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    def make() -> tuple[torch.nn.Module, Adai]:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+        return model, Adai(model.parameters(), weight_decay=1e-2)
+
+    def train(model, opt, steps) -> None:
+        for step in steps:
+            x = torch.randn(8, 4, generator=torch.Generator().manual_seed(step))
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+
+    straight, straight_opt = make()
+    train(straight, straight_opt, range(10))
+    first, first_opt = make()
+    train(first, first_opt, range(5))
+    with pytest.warns(UserWarning, match="single process"):
+        dcp.save({"model": first.state_dict(), "optim": get_optimizer_state_dict(first, first_opt)},
+                 checkpoint_id=tmp_path)
+    resumed, resumed_opt = make()
+    target = {"model": resumed.state_dict(), "optim": get_optimizer_state_dict(resumed, resumed_opt)}
+    with pytest.warns(UserWarning, match="single process"):
+        dcp.load(target, checkpoint_id=tmp_path)
+    resumed.load_state_dict(target["model"])
+    set_optimizer_state_dict(resumed, resumed_opt, target["optim"])
+    assert [s["step"] for s in resumed_opt.state.values()] == [5] * 4
+    train(resumed, resumed_opt, range(5, 10))
+    assert all(torch.equal(p, q) for p, q in zip(straight.parameters(), resumed.parameters()))
+
+
+def test_swa_utils_average_an_adai_run() -> None:
+    from torch.optim.swa_utils import SWALR, AveragedModel
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = Adai(model.parameters(), lr=0.5)
+    averaged, scheduler = AveragedModel(model), SWALR(opt, swa_lr=0.05, anneal_epochs=2)
+    snapshots = []
+    for step in range(4):
+        opt.zero_grad()
+        model(torch.randn(5, 3, generator=torch.Generator().manual_seed(step))).pow(2).mean().backward()
+        opt.step()
+        averaged.update_parameters(model)
+        snapshots.append(model.weight.detach().clone())
+        scheduler.step()
+    torch.testing.assert_close(averaged.module.weight, torch.stack(snapshots).mean(0))
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
