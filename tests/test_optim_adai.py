@@ -399,3 +399,13 @@ def test_swa_utils_average_an_adai_run() -> None:
         scheduler.step()
     torch.testing.assert_close(averaged.module.weight, torch.stack(snapshots).mean(0))
     assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_single_tensor_path_sums_vbar_in_float64_when_any_state_is_float64() -> None:
+    a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    opt = Adai([a, b], foreach=False)  # the float32 parameter first: it used to set the accumulator's dtype
+    a.grad, b.grad = torch.full((3,), 1e-4), torch.full((3,), 1.0 + 1e-12, dtype=torch.float64)
+    opt.step()
+    assert opt.last_vbar.dtype == torch.float64
+    expected = (3 * 1e-4**2 + 3 * (1.0 + 1e-12) ** 2) / 6  # the float32 gradient is 1e-4 rounded to float32
+    assert opt.last_vbar.item() == pytest.approx(expected, rel=1e-9)
