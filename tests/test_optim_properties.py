@@ -6,7 +6,7 @@ and random gradients (zeros, missing ones, magnitudes 1e-3..1e3) run three steps
 single-tensor, foreach, the native CPU kernel (``fused=None`` on CPU) and, in its own test, the
 compiled kernels (``fused=True``). float64 results agree to 1e-12 relative.
 
-Cost: the default profile (100 examples; 6 for the compiled path, which compiles) runs in about 25 s on one core. ``ADAI_HYPOTHESIS_PROFILE=thorough`` (500 examples per
+Cost: the default profile (75 examples; 6 for the compiled path, which compiles) runs in about 25 s on one core. ``ADAI_HYPOTHESIS_PROFILE=thorough`` (500 examples per
 test) is the profile for a nightly or pre-release run:
 ``ADAI_HYPOTHESIS_PROFILE=thorough python -m pytest tests/test_optim_properties.py``.
 """
@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from adai_lightning import Adai
 from adai_lightning.optim.adai import state_dtype
 
-settings.register_profile("default", max_examples=100, deadline=None, derandomize=True,
+settings.register_profile("default", max_examples=75, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("thorough", max_examples=500, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -35,9 +35,7 @@ LAYOUTS = ("contiguous", "transposed", "strided", "channels_last")
 PATHS = {"single": dict(foreach=False), "foreach": dict(foreach=True, fused=False), "native": dict(fused=None)}
 STEPS = 3
 #: Largest relative disagreement allowed between two paths, by the coarsest dtype in the model.
-#: bfloat16: an ulp per step (torch._foreach_mul_ rounds a bf16 tensor's scalar factor to bf16, the single-tensor
-#: mul_ does not, so AdaiW's decay of bf16 parameters differs by up to an ulp per step between those paths).
-TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: STEPS * 2.0**-7}
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2.0**-8}
 
 
 @dataclass(frozen=True)

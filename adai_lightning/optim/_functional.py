@@ -207,7 +207,12 @@ def second_moment_foreach(
     """Pass 1 with ``torch._foreach_*`` kernels; ``sum(v)`` per tensor is its L1 norm (``v >= 0``)."""
     guard = Guard.of(found_inf, exp_avg_sqs[0].device)
     if hyper.decoupled and hyper.weight_decay != 0.0:
-        torch._foreach_mul_(params, _pick(guard, 1.0 - hyper.lr * hyper.weight_decay, 1.0))
+        decay = _pick(guard, 1.0 - hyper.lr * hyper.weight_decay, 1.0)
+        if not isinstance(decay, Tensor) and params[0].dtype != exp_avg_sqs[0].dtype:
+            # torch._foreach_mul_ rounds a Python scalar to a bfloat16/float16 list's dtype (1 - 1e-4
+            # becomes 1.0); a 0-dim float32 tensor is applied in float32, as the single-tensor mul_ does.
+            decay = torch.full((), decay, dtype=exp_avg_sqs[0].dtype, device=params[0].device)
+        torch._foreach_mul_(params, decay)
     g = _effective_grads(params, grads, hyper, exp_avg_sqs[0].dtype, guard)
     torch._foreach_mul_(exp_avg_sqs, _pick(guard, hyper.beta2, 1.0))
     torch._foreach_addcmul_(exp_avg_sqs, g, g, value=1.0 - hyper.beta2)
