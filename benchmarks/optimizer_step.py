@@ -51,6 +51,7 @@ def optimizer_factories() -> dict[str, Callable[[list[torch.Tensor]], torch.opti
         "Adam foreach": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True),
         "SGD momentum foreach": lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, foreach=True),
         "Adai default (fused=None)": lambda ps: Adai(ps, lr=1e-3),
+        "Adai default, skip_nonfinite": lambda ps: Adai(ps, lr=1e-3, skip_nonfinite=True),
         "Adai fused=True": lambda ps: Adai(ps, lr=1e-3, fused=True),
         "Adai foreach": lambda ps: Adai(ps, lr=1e-3, foreach=True, fused=False),
         "Adai single-tensor": lambda ps: Adai(ps, lr=1e-3, foreach=False, fused=False),

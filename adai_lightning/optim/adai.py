@@ -18,6 +18,8 @@ from adai_lightning.optim import _fused, _native
 from adai_lightning.optim import distributed
 
 _STATE_TENSORS = ("exp_avg", "exp_avg_sq", "beta1_prod")
+#: Pass-1 functions that write state (``v``, and ``p`` under decoupled decay) before ``vbar`` is known.
+_WRITING_PASS1 = (F.second_moment_single_tensor, F.second_moment_foreach)
 _FOREACH_TYPES = (Tensor, torch.nn.Parameter)
 
 
@@ -303,25 +305,27 @@ class Adai(Optimizer):
         return _GroupWork(self._hyper(group), members, params, [local(param.grad) for param in members],
                           foreach, fused, self.skip_nonfinite)
 
-    def _count_steps(self, works: list[_GroupWork], found_inf: Tensor | None) -> None:
-        """Create the state of first-time parameters and add 1 to every step count (0 in a skipped step).
+    def _count_steps(self, works: list[_GroupWork]) -> dict[torch.device, list[Tensor]]:
+        """Create the state of first-time parameters and add 1 to every step count.
 
-        Unguarded counts are Python ints. Guarded ones are float32 device tensors incremented by
-        ``1 - found_inf`` on the device (an int count, e.g. from a checkpoint, is converted once).
+        Unguarded counts are Python ints. Guarded ones are float32 device tensors (an int count, e.g.
+        from a checkpoint, is converted once), returned by device so that a skipped step can take
+        its 1 back on the device (as torch's fused Adam does with ``found_inf``).
         """
         counters: dict[torch.device, list[Tensor]] = defaultdict(list)
         for work in works:
             work.states = [self._init_state(param) for param in work.members]
             for param, state in zip(work.params, work.states):
                 step = state["step"]
-                if found_inf is None:
+                if not work.guarded:
                     state["step"] = int(step) + 1  # int() reads a guarded count back once, if the mode changed
                     continue
                 if not isinstance(step, Tensor) or step.device != param.device:
                     step = state["step"] = torch.full((), float(step), dtype=torch.float32, device=param.device)
                 counters[step.device].append(step)
-        for device, steps in counters.items():
-            torch._foreach_add_(steps, 1.0 - found_inf.to(device, non_blocking=True))
+        for steps in counters.values():
+            torch._foreach_add_(steps, 1.0)
+        return counters
 
     def _found_inf(self, works: list[_GroupWork]) -> Tensor:
         """1.0 when any gradient of this step is non-finite (0-dim float32, device-side), agreed by all ranks
@@ -359,8 +363,14 @@ class Adai(Optimizer):
                 self._global_mean(anchor.new_zeros((), dtype=state_dtype(anchor)), 0)
             return loss
         plan = [(work, indices, passes) for work in works for indices, passes in work.buckets()]
-        found_inf = self._found_inf(works) if self.skip_nonfinite else None
-        self._count_steps(works, found_inf)
+        # skip_nonfinite: the eager paths write v (and decay p) in pass 1, so they need the verdict
+        # first, from a separate read of the gradients; when every bucket's pass 1 writes nothing
+        # (native kernel), the pass-1 sums themselves are the check (a NaN or inf gradient makes
+        # them non-finite), at no cost, and the all-reduced vbar carries it to every rank.
+        found_inf = None
+        if self.skip_nonfinite and any(passes[0] in _WRITING_PASS1 for _, _, passes in plan):
+            found_inf = self._found_inf(works)
+        counters = self._count_steps(works)
 
         def guard(device: torch.device) -> dict[str, Tensor]:
             return {} if found_inf is None else {"found_inf": found_inf.to(device, non_blocking=True)}
@@ -373,7 +383,9 @@ class Adai(Optimizer):
         total = torch.stack([s.to(device=sums[0].device, dtype=acc_dtype) for s in sums]).sum()
         count = sum(p.numel() for work in works for p in work.params)
         vbar = self._global_mean(total, count)
-        if found_inf is not None:
+        if self.skip_nonfinite:
+            if found_inf is None:
+                found_inf = 1.0 - torch.isfinite(vbar).float()
             vbar = self._guard_vbar(vbar, found_inf)
         else:
             self.last_vbar = vbar
@@ -383,6 +395,8 @@ class Adai(Optimizer):
             device = exp_avgs[0].device
             update(params, grads, exp_avgs, exp_avg_sqs, beta1_prods, steps, vbar.to(device), work.hyper,
                    **guard(device))
+        for device, steps in counters.items():  # a skipped step takes back its count
+            torch._foreach_add_(steps, found_inf.to(device, non_blocking=True), alpha=-1.0)
         return loss
 
     def _guard_vbar(self, vbar: Tensor, found_inf: Tensor) -> Tensor:
