@@ -208,3 +208,15 @@ def test_bf16_mixed_lightning_fit_skips_the_nan_step_exactly() -> None:
     for p, q in zip(guarded.parameters(), reference.parameters()):
         assert torch.isfinite(p).all()
         assert torch.equal(p, q)
+
+
+@pytest.mark.slow
+def test_sharded_ranks_agree_on_skipping(tmp_path) -> None:
+    """ZeRO (foreach and native paths) and FSDP2 on 2 gloo processes: a NaN that only one rank sees still
+    skips the step everywhere, and the result equals one process that never took that step."""
+    from test_distributed_vbar import TOLERANCE, run_script
+
+    results = run_script("distributed_nonfinite.py", tmp_path, timeout=300)
+    for name, result in results.items():
+        assert result["skipped_steps"] == 1.0, name
+        assert result["deviation"] <= TOLERANCE, (name, result)
