@@ -417,7 +417,8 @@ class Adai(Optimizer):
         unused. A parameter that had no gradient in the last step reports the inertia its own last
         ``vhat`` would get with the last step's ``vbar``. Yields nothing before the first step.
         For a DTensor (FSDP2) parameter, ``ratio`` and ``beta1`` are DTensors sharded like its state
-        (``full_tensor()`` gathers them), computed with the global ``vbar``.
+        (``full_tensor()`` gathers them), computed with the global ``vbar``. After a skipped step
+        (``skip_nonfinite``) it reports the last applied step's; NaN if none has been applied yet.
         """
         if self.last_vbar is None:
             return
