@@ -1,7 +1,8 @@
 """Property-based tests: every optimizer path agrees, and finite input never gives NaN/Inf.
 
 Random models (scalars, 0-element, transposed, strided and channels_last tensors; float32, float64,
-bfloat16 and mixed), random in-range hyperparameters (``eps`` down to a few ulps of the state dtype)
+bfloat16 and mixed), random in-range hyperparameters (``eps`` down to a few ulps of the state dtype; with and without
+``skip_nonfinite``)
 and random gradients (zeros, missing ones, magnitudes 1e-3..1e3) run three steps on each path:
 single-tensor, foreach, the native CPU kernel (``fused=None`` on CPU) and, in its own test, the
 compiled kernels (``fused=True``). float64 results agree to 1e-12 relative.
@@ -66,6 +67,7 @@ def hyperparameters(draw, dtypes: list[torch.dtype]) -> dict:
         decoupled=draw(st.booleans()),
         dampening=draw(st.sampled_from([1.0, 1.0, 0.5, 0.0])),
         maximize=draw(st.booleans()),
+        skip_nonfinite=draw(st.booleans()),  # guarded: step counts on the device, found_inf in every pass
     )
 
 
@@ -109,8 +111,9 @@ def cases(draw, dtypes=DTYPES):
         draw(_grad_plans(len(specs)))
 
 
-def _assert_agree(results: dict[str, list], specs: list[TensorSpec]) -> None:
-    tolerance = max(TOLERANCE[s.dtype] for s in specs)
+def _assert_agree(results: dict[str, list], specs: list[TensorSpec], ulps: int = 1) -> None:
+    """Every path's tensors are finite and within ``ulps`` times the :data:`TOLERANCE` of the first path's."""
+    tolerance = ulps * max(TOLERANCE[s.dtype] for s in specs)
     reference_name, reference = next(iter(results.items()))
     for name, tensors in results.items():
         for a, b in zip(tensors, reference):
@@ -136,8 +139,11 @@ def test_float64_paths_agree_to_1e_12(case) -> None:
 @settings(max_examples=int(os.environ.get("ADAI_HYPOTHESIS_FUSED_EXAMPLES", "6")))
 @given(cases(dtypes=(torch.float64, torch.bfloat16)))
 def test_compiled_fused_path_agrees_with_foreach(case) -> None:
-    """``fused=True`` on CPU: the native kernel for float32/float64 buckets, the compiled kernels for bfloat16."""
+    """``fused=True`` on CPU: the native kernel for float32/float64 buckets, the compiled kernels for bfloat16
+    (which round ``p + update`` once where the eager paths round the update first: an ulp more per step).
+    Unguarded: a guarded step does not use the compiled kernels."""
     specs, hyper, seed, plan = case
+    hyper = dict(hyper, skip_nonfinite=False)
     results = {name: _run(specs, hyper, seed, plan, **path)
                for name, path in (("foreach", PATHS["foreach"]), ("fused", dict(fused=True)))}
-    _assert_agree(results, specs)
+    _assert_agree(results, specs, ulps=2)
