@@ -405,7 +405,7 @@ class Adai(Optimizer):
         skip = found_inf.to(vbar.device) > 0
         previous = self.last_vbar if self.last_vbar is not None else torch.full_like(vbar, float("nan"))
         self.last_vbar = torch.where(skip, previous.to(device=vbar.device, dtype=vbar.dtype), vbar)
-        self.skipped_steps = self.skipped_steps.to(found_inf.device)
+        self.skipped_steps = self.skipped_steps.to(found_inf.device, non_blocking=True)
         self.skipped_steps.add_(found_inf)
         return torch.where(skip, torch.ones_like(vbar), vbar)
 
