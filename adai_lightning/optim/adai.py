@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from adai_lightning.optim import _functional as F
-from adai_lightning.optim import _fused, _native
+from adai_lightning.optim import _fused, _multi_tensor, _native
 from adai_lightning.optim import distributed
 
 _STATE_TENSORS = ("exp_avg", "exp_avg_sq", "beta1_prod")
@@ -68,11 +68,14 @@ class _GroupWork:
     fused: bool | None = False
 
     def passes(self, bucket: tuple) -> tuple[Callable[..., Tensor], Callable[..., None]]:
-        """The pass-1 and pass-2 functions for one bucket: native (CPU), compiled, foreach or single-tensor."""
+        """The pass-1 and pass-2 functions for one bucket: native (CPU), multi-tensor Triton (CUDA),
+        compiled, foreach or single-tensor."""
         params, grads, exp_avgs = bucket[:3]
         if self.fused is not False:
             if _native.use_native(params, grads, exp_avgs[0].dtype):
                 return _native.vhat_sum_native, _native.inertia_update_native
+            if _multi_tensor.use_multi_tensor(self.fused, params, grads, exp_avgs[0].dtype, self.hyper):
+                return _multi_tensor.vhat_sum_multi_tensor, _multi_tensor.inertia_update_multi_tensor
             if _fused.use_fused(self.fused, params, grads, exp_avgs[0].dtype, self.hyper):
                 return _fused.vhat_sum_fused, _fused.inertia_update_fused
         if self.foreach:
