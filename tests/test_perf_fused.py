@@ -163,3 +163,53 @@ def test_fused_bfloat16_parameters_follow_the_foreach_path():
     assert optimizers[0].state[params[0]]["exp_avg"].dtype == torch.float32
     torch.testing.assert_close(params[0], params[1], rtol=2 * 2**-7, atol=1e-2)  # two bfloat16 ulps
     assert not torch.equal(params[0], start)
+
+
+def _bf16_param_with(grad: torch.Tensor) -> torch.nn.Parameter:
+    param = torch.nn.Parameter(torch.randn(5, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16))
+    param.grad = grad
+    return param
+
+
+@pytest.mark.parametrize("grad", [torch.linspace(-1, 1, 5, dtype=torch.bfloat16),
+                                  torch.ones(1, dtype=torch.bfloat16).expand(5)], ids=["plain", "expanded"])
+def test_fused_reads_gradients_and_never_writes_them(grad):
+    """Small (packed) and irregular (expanded) bfloat16 gradients keep their version and values."""
+    param = _bf16_param_with(grad)
+    version, values, start = grad._version, grad.clone(), param.detach().clone()
+    Adai([param], fused=True).step()
+    assert grad._version == version and torch.equal(grad, values)
+    assert not torch.equal(param, start)
+
+
+def test_fused_found_inf_leaves_everything_unchanged():
+    """Pass 2 with ``found_inf`` = 1 (device-side skip) changes no parameter and no state."""
+    param = _bf16_param_with(torch.linspace(-1, 1, 5, dtype=torch.bfloat16))
+    optimizer = Adai([param], fused=True)
+    optimizer.step()
+    state = optimizer.state[param]
+    lists = [[param.detach()], [param.grad], [state["exp_avg"]], [state["exp_avg_sq"]], [state["beta1_prod"]]]
+    before = [lst[0].clone() for lst in lists]
+    hyper = Adai._hyper(optimizer.param_groups[0])
+    _fused.inertia_update_fused(*lists, [2], torch.tensor(0.5), hyper, found_inf=torch.ones(()))
+    assert all(torch.equal(lst[0], b) for lst, b in zip(lists, before))
+    _fused.inertia_update_fused(*lists, [2], torch.tensor(0.5), hyper, found_inf=torch.zeros(()))
+    assert not torch.equal(param, before[0])
+
+
+@pytest.mark.slow
+def test_fused_never_hits_the_recompile_limit(monkeypatch):
+    """With dynamo's recompile limit at 1, every configuration (dtype, L2, dampening) and size (0-element,
+    1-element, 0-dim, packed, dense, transposed) steps: one compiled graph per configuration serves them all."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    configs = [dict(), dict(weight_decay=0.1), dict(dampening=0.5), dict(weight_decay=0.1, dampening=0.5)]
+    for config in configs:
+        for shape in [(1,), (0,), (), (3,), (5000,), (70, 90)]:
+            param = torch.nn.Parameter(torch.randn(shape).to(torch.bfloat16))
+            transposed = torch.nn.Parameter(torch.randn(7, 3).to(torch.bfloat16).t())
+            param.grad, transposed.grad = torch.randn_like(param), torch.randn(3, 7).to(torch.bfloat16)
+            optimizer = Adai([param, transposed], fused=True, **config)
+            optimizer.step()
+            transposed.grad = None  # the next step has one parameter (another pack layout)
+            optimizer.step()
+            assert torch.isfinite(param).all() and torch.isfinite(transposed).all()

@@ -1,0 +1,108 @@
+"""The multi-tensor Triton path (Adai's CUDA step) without a GPU: its kernels under Triton's CPU
+interpreter against the float64 oracle, its launch count per step, and its dispatch rules.
+
+The interpreter has to be switched on before Triton is first imported, so the kernels run in a
+subprocess (``tests/scripts/multi_tensor_interpreter.py``) that prints its measurements as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from adai_lightning.optim import Adai, _fused, _multi_tensor, _native
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not _multi_tensor.triton_available(), reason="triton is not installed")
+FAST_CHECKS = ("launches", "oracle_float64", "skipped_step", "gradient_expanded")
+SLOW_CHECKS = ("oracle_float32", "bfloat16", "bfloat16_expanded", "gradient_plain", "bitwise_resume")
+
+
+def _interpreter_report(*checks: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "scripts" / "multi_tensor_interpreter.py"),
+                           "--checks", *checks], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def fast_report() -> dict:
+    return _interpreter_report(*FAST_CHECKS)
+
+
+def test_launches_per_step_do_not_grow_with_the_model(fast_report):
+    """One whole Adai.step() on 20 and on 160 parameter tensors: two Triton launches (one per pass)
+    and the same few torch operations (tables built and uploaded: the cold-cache worst case)."""
+    small, large = fast_report["launches"]
+    assert (small["tensors"], large["tensors"]) == (20, 160)
+    assert small["triton_launches"] == large["triton_launches"] == 2
+    assert small["ops"] == large["ops"]
+    assert large["torch_ops"] <= 40
+
+
+def test_interpreter_float64_matches_oracle(fast_report):
+    """Three param groups (L2 + dampening 0.5, decoupled + maximize, other betas), a parameter without
+    gradient every third step (two step counts in one bucket), 0-dim and transposed parameters,
+    tensors spanning several blocks and chunks."""
+    assert fast_report["oracle_float64"] <= 1e-9
+
+
+def test_found_inf_skips_the_step_on_device(fast_report):
+    assert fast_report["skipped_step"] == dict(one_changes_nothing=True, zero_equals_none=True,
+                                               none_changes_something=True)
+
+
+def test_expanded_bfloat16_gradient_is_read_never_written(fast_report):
+    assert fast_report["gradient_expanded"] == dict(same_version=True, same_values=True, params_moved=True)
+
+
+@pytest.mark.slow
+def test_interpreter_float32_bfloat16_and_resume():
+    report = _interpreter_report(*SLOW_CHECKS)
+    assert report["oracle_float32"] <= 1e-5
+    for key in ("bfloat16", "bfloat16_expanded"):  # same bf16 rounding as the foreach path, fp32 state
+        assert report[key]["param_ulps"] <= 1.0 and report[key]["state_rel"] <= 1e-5
+        assert report[key]["state_dtypes"] == ["torch.float32"]
+    assert report["gradient_plain"] == dict(same_version=True, same_values=True, params_moved=True)
+    assert report["bitwise_resume"] is True
+
+
+@pytest.mark.parametrize("requested, numel, device_types, expected", [
+    (None, 10, ("cuda", "cpu"), False),         # small bucket: not worth a compilation
+    (None, 2**20, ("cuda", "cpu"), True),
+    (True, 10, ("cuda", "cpu"), True),
+    (False, 2**20, ("cuda", "cpu"), False),
+    (True, 10, ("cuda",), False),                # CPU buckets belong to the native kernel
+])
+def test_dispatch_rule(monkeypatch, requested, numel, device_types, expected):
+    monkeypatch.setattr(_multi_tensor, "DEVICE_TYPES", device_types)
+    monkeypatch.setattr(_multi_tensor, "_build_error", lambda *key: None)
+    param = torch.ones(numel)
+    hyper = Adai._hyper(Adai([param]).param_groups[0])
+    assert _multi_tensor.use_multi_tensor(requested, [param], [param], torch.float32, hyper) == expected
+
+
+def test_unavailable_kernels_warn_once_and_the_compiled_path_decides(monkeypatch):
+    """A failed Triton build warns once; then the torch.compile path runs (or, for fused=True, raises)."""
+    monkeypatch.setattr(_multi_tensor, "DEVICE_TYPES", ("cuda", "cpu"))
+    monkeypatch.setattr(_multi_tensor, "_warned", set())
+    monkeypatch.setattr(_multi_tensor, "_build_error", lambda *key: "no GPU compiler (test)")
+    monkeypatch.setattr(_fused, "_build_error", lambda *key: "no inductor (test)")
+    monkeypatch.setattr(_native, "supports", lambda *args: False)
+    param = torch.ones(4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            param.grad = torch.ones(4)
+            with pytest.raises(RuntimeError, match=r"fused=True\) cannot run: no inductor"):
+                Adai([param], fused=True).step()
+    messages = [str(w.message) for w in caught]
+    assert messages == ["Adai's multi-tensor CUDA step is unavailable, trying the compiled path: no GPU compiler (test)"]
