@@ -106,3 +106,36 @@ def test_unavailable_kernels_warn_once_and_the_compiled_path_decides(monkeypatch
                 Adai([param], fused=True).step()
     messages = [str(w.message) for w in caught]
     assert messages == ["Adai's multi-tensor CUDA step is unavailable, trying the compiled path: no GPU compiler (test)"]
+
+
+@pytest.mark.parametrize("param_type, state_type, flags", [
+    ("float32", "float32", (False, False, False)),
+    ("bfloat16", "float32", (True, True, True)),
+    ("float16", "float32", (False, True, False)),
+    ("float64", "float64", (True, False, True)),
+])
+def test_kernels_compile_for_hopper_without_a_gpu(param_type, state_type, flags):
+    """Both kernels go through Triton's whole CUDA pipeline (TTIR, TTGIR, LLVM, PTX, cubin) for sm_90,
+    the H100/H200 architecture, on this GPU-less machine: what a GPU would run, short of running it."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from adai_lightning.optim import _triton_kernels as kernels
+
+    if not isinstance(kernels.inertia_update_kernel, triton.runtime.JITFunction):
+        pytest.skip("TRITON_INTERPRET=1 is set: the kernels are interpreted, not compiled")
+    use_l2, damped, found_inf = flags
+    types = dict(G_TYPE=getattr(tl, param_type), S_TYPE=getattr(tl, state_type), P_TYPE=getattr(tl, param_type),
+                 USE_L2=use_l2, BLOCK=_multi_tensor.BLOCK, CHUNK=_multi_tensor.CHUNK)
+    table = {"tensors": "*i64", "chunks": "*i64", "scalars": "*fp64"}
+    sources = [
+        (kernels.vhat_sum_kernel, {**table, "partials": "*fp64"}, types),
+        (kernels.inertia_update_kernel, {**table, "vbar_ptr": "*fp32", "found_inf": "*fp32"},
+         {**types, "DAMPED": damped, "HAS_FOUND_INF": found_inf}),
+    ]
+    for kernel, pointers, constexprs in sources:
+        signature = {name: pointers.get(name, "constexpr") for name in kernel.arg_names}
+        compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32))
+        assert ".target sm_90" in compiled.asm["ptx"] and len(compiled.asm["cubin"]) > 1000

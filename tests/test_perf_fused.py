@@ -21,23 +21,25 @@ GROUP_OPTIONS = [
 SKIPS_GRAD = 1  # parameter index (in group 0) that has no gradient on every third step
 
 
-def _make_params(dtype: torch.dtype) -> list[list[torch.Tensor]]:
+def _make_params(dtype: torch.dtype, device: str) -> list[list[torch.Tensor]]:
     gen = torch.Generator().manual_seed(0)
     groups = []
     for _ in GROUP_OPTIONS:
         params = [torch.randn(shape, generator=gen, dtype=torch.float64) for shape in SHAPES]
         params[-1] = params[-1].t()  # non-contiguous
-        groups.append([p.to(dtype) for p in params])
+        groups.append([p.to(device, dtype) for p in params])
     return groups
 
 
-def _run_pair(dtype: torch.dtype, steps: int, alternate_paths: bool = False, **optimizer_options):
-    """Step Adai (on ``dtype``) and the oracle (float64) on the same gradients; return both parameter lists.
+def _run_pair(dtype: torch.dtype, steps: int, alternate_paths: bool = False, device: str = "cpu",
+              **optimizer_options):
+    """Step Adai (on ``dtype`` and ``device``) and the oracle (float64, CPU) on the same gradients;
+    return both parameter lists (``benchmarks/gpu_suite.py`` uses this on CUDA).
 
     ``alternate_paths`` switches every group between the fused and the foreach path on every step.
     """
-    ours = _make_params(dtype)
-    oracle = [[p.to(torch.float64).contiguous().clone() for p in group] for group in ours]
+    ours = _make_params(dtype, device)
+    oracle = [[p.to("cpu", torch.float64).contiguous().clone() for p in group] for group in ours]
     optimizer = Adai([dict(params=ps, **o) for ps, o in zip(ours, GROUP_OPTIONS)], lr=0.5, **optimizer_options)
     reference = OracleAdai([dict(params=ps, **o) for ps, o in zip(oracle, GROUP_OPTIONS)], lr=0.5)
     gen = torch.Generator().manual_seed(1)
@@ -51,8 +53,8 @@ def _run_pair(dtype: torch.dtype, steps: int, alternate_paths: bool = False, **o
                 q.grad = grad.clone()
                 # p's own layout, except in the last group, where the transposed parameter gets a
                 # contiguous gradient (the kernels then work on copies).
-                layout = torch.empty_strided(p.shape, p.stride(), dtype=dtype) if group_index < 2 else None
-                p.grad = grad.to(dtype) if layout is None else layout.copy_(grad)
+                layout = torch.empty_strided(p.shape, p.stride(), dtype=dtype, device=device) if group_index < 2 else None
+                p.grad = grad.to(device, dtype) if layout is None else layout.copy_(grad)
         if alternate_paths:
             for group in optimizer.param_groups:
                 group["fused"] = step % 2 == 0
@@ -75,11 +77,17 @@ def small_thresholds(monkeypatch):
     monkeypatch.setattr(_fused, "PACK_NUMEL", 24)
 
 
+def oracle_deviation(ours, oracle) -> float:
+    """Largest deviation of any element from the oracle, relative to the largest parameter magnitude."""
+    scale = max(q.abs().max().item() for q in oracle)
+    return max((p.to("cpu", torch.float64) - q).abs().max().item() for p, q in zip(ours, oracle)) / scale
+
+
 def _assert_close_to_oracle(ours, oracle, rtol):
     """Every element within ``rtol`` of the model's largest parameter magnitude (elements near 0 included)."""
     scale = max(q.abs().max().item() for q in oracle)
     for p, q in zip(ours, oracle):
-        torch.testing.assert_close(p.to(torch.float64), q, rtol=rtol, atol=rtol * scale)
+        torch.testing.assert_close(p.to("cpu", torch.float64), q, rtol=rtol, atol=rtol * scale)
 
 
 @pytest.mark.slow

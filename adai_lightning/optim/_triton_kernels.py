@@ -70,7 +70,7 @@ def vhat_sum_kernel(tensors, chunks, scalars, partials, G_TYPE: tl.constexpr, S_
     beta2 = tl.load(scalars + BETA2).to(S_TYPE)
     one_minus_beta2 = tl.load(scalars + ONE_MINUS_BETA2).to(S_TYPE)
     total = tl.zeros([BLOCK], dtype=tl.float64)
-    for block in range(0, CHUNK, BLOCK):
+    for block in range(0, tl.minimum(CHUNK, numel - start), BLOCK):  # a short tensor's chunk: fewer blocks
         offsets = start + block + tl.arange(0, BLOCK)
         mask = offsets < numel
         g = tl.load(g_ptr + offsets, mask=mask, other=0.0).to(S_TYPE) * sign
@@ -114,7 +114,7 @@ def inertia_update_kernel(tensors, chunks, scalars, vbar_ptr, found_inf, G_TYPE:
     neg_step_scale = tl.load(scalars + NEG_STEP_SCALE).to(S_TYPE)
     exponent = tl.load(scalars + EXPONENT).to(S_TYPE)
     dampening = tl.load(scalars + DAMPENING).to(S_TYPE)
-    for block in range(0, CHUNK, BLOCK):
+    for block in range(0, tl.minimum(CHUNK, numel - start), BLOCK):  # a short tensor's chunk: fewer blocks
         offsets = start + block + tl.arange(0, BLOCK)
         mask = offsets < numel
         p = tl.load(p_ptr + offsets, mask=mask, other=0.0).to(S_TYPE)

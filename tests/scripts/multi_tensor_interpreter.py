@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from adai_lightning.optim import Adai, _multi_tensor, _native  # noqa: E402
 from adai_lightning.optim import _triton_kernels as kernels  # noqa: E402
-from tests.test_perf_fused import _run_pair  # noqa: E402
+from tests.test_perf_fused import _run_pair, oracle_deviation  # noqa: E402
 
 
 def use_interpreter_on_cpu() -> None:
@@ -37,11 +37,9 @@ def use_interpreter_on_cpu() -> None:
     warnings.filterwarnings("ignore", message="divide by zero encountered in log")  # log(0) -> -inf, intended
 
 
-def oracle_deviation(dtype: torch.dtype, steps: int) -> float:
+def deviation_from_oracle(dtype: torch.dtype, steps: int) -> float:
     """Largest deviation from the float64 oracle, relative to the largest parameter magnitude."""
-    ours, oracle = _run_pair(dtype, steps=steps, fused=True)
-    scale = max(q.abs().max().item() for q in oracle)
-    return max((p.to(torch.float64) - q).abs().max().item() for p, q in zip(ours, oracle)) / scale
+    return oracle_deviation(*_run_pair(dtype, steps=steps, fused=True))
 
 
 def _bf16_pair(steps: int, expanded: bool) -> dict[str, float]:
@@ -194,8 +192,8 @@ def launch_counts() -> list[dict[str, object]]:
 
 CHECKS = dict(
     launches=launch_counts,
-    oracle_float64=lambda: oracle_deviation(torch.float64, steps=8),
-    oracle_float32=lambda: oracle_deviation(torch.float32, steps=8),
+    oracle_float64=lambda: deviation_from_oracle(torch.float64, steps=8),
+    oracle_float32=lambda: deviation_from_oracle(torch.float32, steps=8),
     bfloat16=lambda: _bf16_pair(steps=6, expanded=False),
     bfloat16_expanded=lambda: _bf16_pair(steps=3, expanded=True),
     gradient_plain=lambda: gradient_untouched(expanded=False),
