@@ -139,3 +139,42 @@ def test_kernels_compile_for_hopper_without_a_gpu(param_type, state_type, flags)
         signature = {name: pointers.get(name, "constexpr") for name in kernel.arg_names}
         compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32))
         assert ".target sm_90" in compiled.asm["ptx"] and len(compiled.asm["cubin"]) > 1000
+
+
+def _suite(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--device", "cpu", *args],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def test_gpu_suite_dry_run_exactness_and_call_counts():
+    """The suite's plumbing on CPU: oracle table, compiled-path call counts from the real shapes, exit 0."""
+    done = _suite("--sections", "exactness", "calls", "--paths", "foreach", "single_tensor", "--steps", "4")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("| foreach |", "| single_tensor |"))]
+    assert len(rows) == 4 and all(row.endswith("| ok |") for row in rows)
+    assert "| resnet50 | 161 | 25.6M |" in done.stdout and "| gpt2-small | 148 | 124.4M |" in done.stdout
+    assert done.stdout.rstrip().endswith("all checks passed")
+
+
+def test_gpu_suite_fails_loudly_on_an_exactness_error():
+    """A zero tolerance makes every nonzero deviation an error: FAIL in the report and exit status 1."""
+    done = _suite("--sections", "exactness", "--paths", "foreach", "--dtypes", "float32", "--steps", "3",
+                  "--tolerance-scale", "0")
+    assert done.returncode == 1
+    assert "**FAIL**" in done.stdout and "- FAIL exactness: foreach float32 deviates" in done.stdout
+    assert "gpu_suite: FAILED (exit 1)" in done.stderr
+
+
+@pytest.mark.slow
+def test_gpu_suite_dry_run_end_to_end():
+    """``benchmarks/gpu_suite.sh --device cpu``: every section, every path (multi-tensor under the interpreter)."""
+    done = _suite(timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for heading in ("## exactness", "## calls", "## step", "## hvp", "## fit", "all checks passed"):
+        assert heading in done.stdout
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gpu_suite import PATHS
+
+    assert done.stdout.count("| ok |") == len(PATHS) * 2
+    assert "| cifar10_resnet18 | cpu | 2 |" in done.stdout
