@@ -28,10 +28,12 @@ dispatches here for CUDA buckets only.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import math
 import warnings
+from itertools import chain
 from typing import Any
 
 import torch
@@ -118,6 +120,8 @@ def _regular(lists: list[list[Tensor]], written: tuple[int, ...] = ()) -> tuple[
 
     A tensor whose operands do not share one dense layout gets contiguous copies of them all.
     """
+    if all(map(Tensor.is_contiguous, chain.from_iterable(lists))):  # the usual case, checked fastest
+        return lists, []
     irregular = [i for i, one in enumerate(zip(*lists)) if not _shares_dense_layout(one)]
     if not irregular:
         return lists, []
@@ -143,6 +147,13 @@ def _launch_tables(lists: list[list[Tensor]], steps: list[int]) -> tuple[Tensor,
     return table, chunks, count, tuple(distinct)
 
 
+def _launch(name: str, count: int, device: torch.device, *args: Any, **constexprs: Any) -> None:
+    """Launch kernel ``name`` over ``count`` chunks on ``device`` (Triton launches on the current device)."""
+    if count:
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            getattr(_kernels(), name)[(count,)](*args, **constexprs, BLOCK=BLOCK, CHUNK=CHUNK, num_warps=_NUM_WARPS)
+
+
 def _types(params: list[Tensor], grads: list[Tensor], state: Tensor) -> dict[str, Any]:
     return dict(G_TYPE=_triton_dtype(grads[0].dtype), S_TYPE=_triton_dtype(state.dtype),
                 P_TYPE=_triton_dtype(params[0].dtype))
@@ -160,10 +171,8 @@ def vhat_sum_multi_tensor(params: list[Tensor], grads: list[Tensor], exp_avg_sqs
     table, chunks, count, distinct = _launch_tables([grads, exp_avg_sqs, params], steps)
     device = exp_avg_sqs[0].device
     partials = torch.empty(count, dtype=torch.float64, device=device)
-    if count:
-        _kernels().vhat_sum_kernel[(count,)](table, chunks, _scalars(hyper, distinct, device), partials,
-                         **_types(params, grads, exp_avg_sqs[0]), USE_L2=hyper.l2 != 0.0, BLOCK=BLOCK, CHUNK=CHUNK,
-                         num_warps=_NUM_WARPS)
+    _launch("vhat_sum_kernel", count, device, table, chunks, _scalars(hyper, distinct, device), partials,
+            **_types(params, grads, exp_avg_sqs[0]), USE_L2=hyper.l2 != 0.0)
     return partials.sum()
 
 
@@ -175,11 +184,9 @@ def inertia_update_multi_tensor(params: list[Tensor], grads: list[Tensor], exp_a
     operands, pairs = _regular([params, grads, exp_avgs, exp_avg_sqs, beta1_prods], written=(0, 2, 3, 4))
     table, chunks, count, distinct = _launch_tables(operands, steps)
     device = exp_avgs[0].device
-    if count:
-        _kernels().inertia_update_kernel[(count,)](table, chunks, _scalars(hyper, distinct, device), vbar,
-                         vbar if found_inf is None else found_inf, **_types(params, grads, exp_avgs[0]),
-                         USE_L2=hyper.l2 != 0.0, DAMPED=hyper.dampening != 1.0,
-                         HAS_FOUND_INF=found_inf is not None, BLOCK=BLOCK, CHUNK=CHUNK, num_warps=_NUM_WARPS)
+    _launch("inertia_update_kernel", count, device, table, chunks, _scalars(hyper, distinct, device), vbar,
+            vbar if found_inf is None else found_inf, **_types(params, grads, exp_avgs[0]), USE_L2=hyper.l2 != 0.0,
+            DAMPED=hyper.dampening != 1.0, HAS_FOUND_INF=found_inf is not None)
     for original, copy in pairs:  # never a gradient
         original.copy_(copy)
 
