@@ -274,6 +274,13 @@ def _build_error(device: str, param_dtype: torch.dtype, grad_dtype: torch.dtype,
 _warned: set[str] = set()
 
 
+def warn_once(warned: set[str], reason: str, message: str) -> None:
+    """Warn ``message`` the first time ``reason`` is seen in ``warned`` (a module's set of given reasons)."""
+    if reason not in warned:
+        warned.add(reason)
+        warnings.warn(message, stacklevel=4)
+
+
 def use_fused(requested: bool | None, params: list[Tensor], grads: list[Tensor], state_dtype: torch.dtype,
               hyper: AdaiHyper) -> bool:
     """Whether to run this bucket (one device and dtype) on the compiled kernels.
@@ -294,7 +301,5 @@ def use_fused(requested: bool | None, params: list[Tensor], grads: list[Tensor],
         return True
     if requested:
         raise RuntimeError(f"Adai(fused=True) cannot run: {reason}")
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"Adai's fused step is unavailable, using the foreach path: {reason}", stacklevel=3)
+    warn_once(_warned, reason, f"Adai's fused step is unavailable, using the foreach path: {reason}")
     return False

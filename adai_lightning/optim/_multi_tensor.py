@@ -32,7 +32,6 @@ import contextlib
 import functools
 import importlib.util
 import math
-import warnings
 from itertools import chain
 from typing import Any
 
@@ -248,8 +247,6 @@ def use_multi_tensor(requested: bool | None, params: list[Tensor], grads: list[T
         params[0].device, params[0].dtype, grads[0].dtype, state_dtype, hyper.l2 != 0.0, hyper.dampening != 1.0)
     if reason is None:
         return True
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"Adai's multi-tensor CUDA step is unavailable, trying the compiled path: {reason}",
-                      stacklevel=3)
+    _fused.warn_once(_warned, reason,
+                     f"Adai's multi-tensor CUDA step is unavailable, trying the compiled path: {reason}")
     return False

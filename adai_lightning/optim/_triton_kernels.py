@@ -50,6 +50,19 @@ def to_param_dtype(x, P_TYPE: tl.constexpr):
 
 
 @triton.jit
+def chunk_of(tensors, chunks, COLUMNS: tl.constexpr):
+    """This program's chunk: its tensor's row in the tensor table, and its first element."""
+    c = tl.program_id(0)
+    return tensors + COLUMNS * tl.load(chunks + 2 * c), tl.load(chunks + 2 * c + 1)
+
+
+@triton.jit
+def operand(row, column, TYPE: tl.constexpr):
+    """The typed pointer stored (as an int64 address) in ``column`` of a tensor-table row."""
+    return tl.load(row + column).to(tl.pointer_type(TYPE))
+
+
+@triton.jit
 def vhat_sum_kernel(tensors, chunks, scalars, partials, G_TYPE: tl.constexpr, S_TYPE: tl.constexpr,
                     P_TYPE: tl.constexpr, USE_L2: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     """Pass 1: ``partials[c] = sum(v_new) / (1 - beta2**step)`` over chunk ``c``; writes nothing else.
@@ -57,12 +70,10 @@ def vhat_sum_kernel(tensors, chunks, scalars, partials, G_TYPE: tl.constexpr, S_
     Tensor table columns: ``g, v, p, numel, step row`` (``p`` is read for L2 decay only).
     """
     c = tl.program_id(0)
-    index = tl.load(chunks + 2 * c)
-    start = tl.load(chunks + 2 * c + 1)
-    row = tensors + 5 * index
-    g_ptr = tl.load(row).to(tl.pointer_type(G_TYPE))
-    v_ptr = tl.load(row + 1).to(tl.pointer_type(S_TYPE))
-    p_ptr = tl.load(row + 2).to(tl.pointer_type(P_TYPE))
+    row, start = chunk_of(tensors, chunks, 5)
+    g_ptr = operand(row, 0, G_TYPE)
+    v_ptr = operand(row, 1, S_TYPE)
+    p_ptr = operand(row, 2, P_TYPE)
     numel = tl.load(row + 3)
     bias2 = tl.load(scalars + HYPER_COUNT + tl.load(row + 4))
     sign = tl.load(scalars + SIGN).to(S_TYPE)
@@ -90,15 +101,12 @@ def inertia_update_kernel(tensors, chunks, scalars, vbar_ptr, found_inf, G_TYPE:
     Tensor table columns: ``p, g, m, v, P, numel, step row``. With ``HAS_FOUND_INF``, a nonzero
     ``found_inf[0]`` masks every load and store: the step changes nothing.
     """
-    c = tl.program_id(0)
-    index = tl.load(chunks + 2 * c)
-    start = tl.load(chunks + 2 * c + 1)
-    row = tensors + 7 * index
-    p_ptr = tl.load(row).to(tl.pointer_type(P_TYPE))
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(G_TYPE))
-    m_ptr = tl.load(row + 2).to(tl.pointer_type(S_TYPE))
-    v_ptr = tl.load(row + 3).to(tl.pointer_type(S_TYPE))
-    prod_ptr = tl.load(row + 4).to(tl.pointer_type(S_TYPE))
+    row, start = chunk_of(tensors, chunks, 7)
+    p_ptr = operand(row, 0, P_TYPE)
+    g_ptr = operand(row, 1, G_TYPE)
+    m_ptr = operand(row, 2, S_TYPE)
+    v_ptr = operand(row, 3, S_TYPE)
+    prod_ptr = operand(row, 4, S_TYPE)
     numel = tl.load(row + 5)
     if HAS_FOUND_INF:
         numel = tl.where(tl.load(found_inf) == 0, numel, 0)

@@ -125,11 +125,13 @@ class Adai(Optimizer):
         fused: run each pass as one kernel over the whole bucket (device and dtype) instead of the
             eager paths. On CPU with float32 or float64 parameters, gradients and state, that is a
             small C library compiled once per machine and cached (``adai_lightning.optim._native``);
-            elsewhere (CUDA, bfloat16/float16 parameters) ``torch.compile``-generated kernels, one
-            per tensor (``adai_lightning.optim._fused``), compiled once per process. ``None`` (the
-            default, when foreach is not turned off) picks the native CPU kernel for every supported
-            bucket and the compiled kernels for buckets of at least 2**20 elements, and warns once
-            and falls back to foreach when one cannot be built; ``True`` requires a fused path
+            on CUDA two Triton kernels launched once per pass over the whole bucket
+            (``adai_lightning.optim._multi_tensor``); elsewhere (bfloat16/float16 on CPU)
+            ``torch.compile``-generated kernels, one per tensor (``adai_lightning.optim._fused``),
+            compiled once per process. ``None`` (the default, when foreach is not turned off) picks
+            the native CPU kernel for every supported bucket and the Triton or compiled kernels for
+            buckets of at least 2**20 elements, and warns once and falls back to foreach when one
+            cannot be built; ``True`` requires a fused path
             (error if none can run); ``False`` never uses them.
         sharding: how ``vbar`` (a mean over the WHOLE model) is formed across processes; see
             :mod:`adai_lightning.optim.distributed`. ``"auto"`` (default) all-reduces the local
