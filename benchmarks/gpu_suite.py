@@ -15,8 +15,9 @@ Sections (``--sections``):
   per step for each model's real shapes: one compiled call per item and pass.
 - ``step``: ms per step (median of interleaved rounds, a cache-sized buffer overwritten before each
   step), ratio to ``Adam(fused=True)``, ``Adam(foreach=True)`` and SGD with momentum, peak extra
-  memory, and device launches per step (kernels and copies in a ``torch.profiler`` trace of one
-  step; CUDA only), for ResNet-18, ResNet-50 and GPT-2 small parameter shapes (built from shapes,
+  memory, and device launches per step with their summed run time (kernels, copies and memsets in
+  a ``torch.profiler`` trace of one step; CUDA only: a wall time well above it means the step is
+  host-bound), for ResNet-18, ResNet-50 and GPT-2 small parameter shapes (built from shapes,
   nothing downloaded).
 - ``hvp``: ``benchmarks/hvp_cost.py`` on the device (Hessian-vector products against forward+backward).
 - ``fit``: one short ``adai-lightning fit`` of ``recipes/cifar10_resnet18.yaml`` on stand-in CIFAR-10
@@ -158,15 +159,17 @@ def step_optimizers(device: torch.device) -> dict[str, Callable[[list[torch.Tens
     }
 
 
-def device_launches(optimizer: object, device: torch.device) -> int | None:
-    """Kernels, copies and memsets on the GPU during one step, from a torch.profiler trace (None on CPU)."""
+def device_work(optimizer: object, device: torch.device) -> tuple[int, float] | None:
+    """Kernels, copies and memsets on the GPU during one step, and the milliseconds they ran (summed),
+    from a torch.profiler trace; None on CPU. Wall time well above the device time means host-bound."""
     if device.type != "cuda":
         return None
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as prof:
         optimizer.step()
         torch.cuda.synchronize(device)
-    return sum(1 for e in prof.profiler.kineto_results.events() if e.device_type() == torch.autograd.DeviceType.CUDA)
+    events = [e for e in prof.profiler.kineto_results.events() if e.device_type() == torch.autograd.DeviceType.CUDA]
+    return len(events), sum(e.duration_ns() for e in events) / 1e6
 
 
 def step_table(model: str, device: torch.device, rounds: int, max_dim: int | None) -> None:
@@ -183,14 +186,15 @@ def step_table(model: str, device: torch.device, rounds: int, max_dim: int | Non
     medians = {label: statistics.median(t) for label, t in times.items()}
     print(f"\n**{model}**: {len(params)} tensors, {numel / 1e6:.2f}M float32 elements, {rounds} rounds\n")
     print("| optimizer | ms / step | x Adam fused | x Adam foreach | x SGD-M | peak extra MiB | launches / step "
-          "| first step s |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| device busy ms | first step s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for label, opt in optimizers.items():
         ratios = " | ".join(f"{medians[label] / medians[base]:.2f}" for base in BASELINES)
         memory = optimizer_step.peak_extra_bytes(opt, device) / 2**20
-        launches = device_launches(opt, device)
-        print(f"| {label} | {medians[label] * 1e3:.3f} | {ratios} | {memory:.1f} | "
-              f"{'n/a (cpu)' if launches is None else launches} | {first[label]:.2f} |", flush=True)
+        work = device_work(opt, device)
+        launches, busy = ("n/a (cpu)", "n/a") if work is None else (work[0], f"{work[1]:.3f}")
+        print(f"| {label} | {medians[label] * 1e3:.3f} | {ratios} | {memory:.1f} | {launches} | {busy} "
+              f"| {first[label]:.2f} |", flush=True)
 
 
 def run_script(args: list[str], timeout: int) -> str:

@@ -67,6 +67,7 @@ def _kernels() -> Any:
     return _triton_kernels
 
 
+@functools.cache
 def _triton_dtype(dtype: torch.dtype) -> Any:
     import triton.language as tl
 
@@ -139,9 +140,9 @@ def _launch_tables(lists: list[list[Tensor]], steps: list[int]) -> tuple[Tensor,
     """Device tables for these operand lists (cached), their chunk count, and the distinct step counts."""
     distinct = sorted(set(steps))
     rows = (0,) * len(steps) if len(distinct) == 1 else tuple(distinct.index(s) for s in steps)
-    numels = tuple(t.numel() for t in lists[0])
+    numels = tuple(map(Tensor.numel, lists[0]))
     device = lists[0][0].device
-    table = _tensor_table(tuple(t.data_ptr() for lst in lists for t in lst), numels, rows, device)
+    table = _tensor_table(tuple(map(Tensor.data_ptr, chain.from_iterable(lists))), numels, rows, device)
     chunks, count = _chunk_table(numels, CHUNK, device)
     return table, chunks, count, tuple(distinct)
 
