@@ -41,8 +41,8 @@ from adai_lightning.recipes import SmallConvNet
 LANCZOS_PRODUCTS = 20
 
 
-def build(name: str, batch: int, mode: str) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
-    """The model in the given mode and one batch of random inputs and labels (seeded)."""
+def build(name: str, batch: int, mode: str, device: str = "cpu") -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    """The model in the given mode and one batch of random inputs and labels (seeded), on ``device``."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     if name == "small":
@@ -51,13 +51,16 @@ def build(name: str, batch: int, mode: str) -> tuple[nn.Module, tuple[torch.Tens
         import torchvision
 
         model, shape = torchvision.models.resnet18(weights=None, num_classes=10), (batch, 3, 32, 32)
-    data = (torch.rand(shape, generator=gen), torch.randint(0, 10, (batch,), generator=gen))
-    return model.train(mode == "train"), data
+    data = (torch.rand(shape, generator=gen).to(device), torch.randint(0, 10, (batch,), generator=gen).to(device))
+    return model.to(device).train(mode == "train"), data
 
 
-def timings(name: str, batch: int, mode: str, rounds: int) -> dict[str, float]:
-    """Median seconds of each computation over interleaved rounds, and the reused/fresh agreement."""
-    model, data = build(name, batch, mode)
+def timings(name: str, batch: int, mode: str, rounds: int, device: str = "cpu") -> dict[str, float]:
+    """Median seconds of each computation over interleaved rounds, and the reused/fresh agreement.
+
+    On CUDA every timed call ends with a synchronisation, so device work is counted."""
+    model, data = build(name, batch, mode, device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
     def loss_fn(pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return nn.functional.cross_entropy(model(pair[0]), pair[1])
@@ -65,18 +68,22 @@ def timings(name: str, batch: int, mode: str, rounds: int) -> dict[str, float]:
     params = [p for p in model.parameters() if p.requires_grad]
     fresh = HessianOperator(params, loss_fn, [data], reuse_graph=False)
     reused = HessianOperator(params, loss_fn, [data], reuse_graph=True)
-    vector = torch.randn(fresh.dim, generator=torch.Generator().manual_seed(1))
+    vector = torch.randn(fresh.dim, generator=torch.Generator().manual_seed(1)).to(device)
 
     def first() -> float:
         reused.release()
+        sync()
         start = time.perf_counter()
         reused(vector)
+        sync()
         return time.perf_counter() - start
 
     def timed(run: Callable[[], object]) -> Callable[[], float]:
         def measure() -> float:
+            sync()
             start = time.perf_counter()
             run()
+            sync()
             return time.perf_counter() - start
         return measure
 
@@ -119,9 +126,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: 64 small, 32 resnet18)")
     parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, CPU, {args.threads} threads, {args.rounds} rounds (medians)\n")
+    print(f"torch {torch.__version__}, {args.device}, {args.threads} threads, {args.rounds} rounds (medians)\n")
     print("| model | mode | batch | forward+backward ms | HVP from scratch ms (x) | graph build ms (x) "
           "| reused HVP ms (x) | per product, k=1 ms (x) "
           f"| per product, k={LANCZOS_PRODUCTS} ms (x) | reused vs fresh relative difference |")
@@ -129,7 +137,7 @@ def main() -> None:
     for name in args.models:
         batch = args.batch or (64 if name == "small" else 32)
         for mode in args.modes:
-            print(row(name, batch, mode, timings(name, batch, mode, args.rounds)), flush=True)
+            print(row(name, batch, mode, timings(name, batch, mode, args.rounds, args.device)), flush=True)
 
 
 if __name__ == "__main__":

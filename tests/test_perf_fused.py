@@ -21,23 +21,25 @@ GROUP_OPTIONS = [
 SKIPS_GRAD = 1  # parameter index (in group 0) that has no gradient on every third step
 
 
-def _make_params(dtype: torch.dtype) -> list[list[torch.Tensor]]:
+def _make_params(dtype: torch.dtype, device: str) -> list[list[torch.Tensor]]:
     gen = torch.Generator().manual_seed(0)
     groups = []
     for _ in GROUP_OPTIONS:
         params = [torch.randn(shape, generator=gen, dtype=torch.float64) for shape in SHAPES]
         params[-1] = params[-1].t()  # non-contiguous
-        groups.append([p.to(dtype) for p in params])
+        groups.append([p.to(device, dtype) for p in params])
     return groups
 
 
-def _run_pair(dtype: torch.dtype, steps: int, alternate_paths: bool = False, **optimizer_options):
-    """Step Adai (on ``dtype``) and the oracle (float64) on the same gradients; return both parameter lists.
+def _run_pair(dtype: torch.dtype, steps: int, alternate_paths: bool = False, device: str = "cpu",
+              **optimizer_options):
+    """Step Adai (on ``dtype`` and ``device``) and the oracle (float64, CPU) on the same gradients;
+    return both parameter lists (``benchmarks/gpu_suite.py`` uses this on CUDA).
 
     ``alternate_paths`` switches every group between the fused and the foreach path on every step.
     """
-    ours = _make_params(dtype)
-    oracle = [[p.to(torch.float64).contiguous().clone() for p in group] for group in ours]
+    ours = _make_params(dtype, device)
+    oracle = [[p.to("cpu", torch.float64).contiguous().clone() for p in group] for group in ours]
     optimizer = Adai([dict(params=ps, **o) for ps, o in zip(ours, GROUP_OPTIONS)], lr=0.5, **optimizer_options)
     reference = OracleAdai([dict(params=ps, **o) for ps, o in zip(oracle, GROUP_OPTIONS)], lr=0.5)
     gen = torch.Generator().manual_seed(1)
@@ -51,8 +53,8 @@ def _run_pair(dtype: torch.dtype, steps: int, alternate_paths: bool = False, **o
                 q.grad = grad.clone()
                 # p's own layout, except in the last group, where the transposed parameter gets a
                 # contiguous gradient (the kernels then work on copies).
-                layout = torch.empty_strided(p.shape, p.stride(), dtype=dtype) if group_index < 2 else None
-                p.grad = grad.to(dtype) if layout is None else layout.copy_(grad)
+                layout = torch.empty_strided(p.shape, p.stride(), dtype=dtype, device=device) if group_index < 2 else None
+                p.grad = grad.to(device, dtype) if layout is None else layout.copy_(grad)
         if alternate_paths:
             for group in optimizer.param_groups:
                 group["fused"] = step % 2 == 0
@@ -75,11 +77,17 @@ def small_thresholds(monkeypatch):
     monkeypatch.setattr(_fused, "PACK_NUMEL", 24)
 
 
+def oracle_deviation(ours, oracle) -> float:
+    """Largest deviation of any element from the oracle, relative to the largest parameter magnitude."""
+    scale = max(q.abs().max().item() for q in oracle)
+    return max((p.to("cpu", torch.float64) - q).abs().max().item() for p, q in zip(ours, oracle)) / scale
+
+
 def _assert_close_to_oracle(ours, oracle, rtol):
     """Every element within ``rtol`` of the model's largest parameter magnitude (elements near 0 included)."""
     scale = max(q.abs().max().item() for q in oracle)
     for p, q in zip(ours, oracle):
-        torch.testing.assert_close(p.to(torch.float64), q, rtol=rtol, atol=rtol * scale)
+        torch.testing.assert_close(p.to("cpu", torch.float64), q, rtol=rtol, atol=rtol * scale)
 
 
 @pytest.mark.slow
@@ -163,3 +171,53 @@ def test_fused_bfloat16_parameters_follow_the_foreach_path():
     assert optimizers[0].state[params[0]]["exp_avg"].dtype == torch.float32
     torch.testing.assert_close(params[0], params[1], rtol=2 * 2**-7, atol=1e-2)  # two bfloat16 ulps
     assert not torch.equal(params[0], start)
+
+
+def _bf16_param_with(grad: torch.Tensor) -> torch.nn.Parameter:
+    param = torch.nn.Parameter(torch.randn(5, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16))
+    param.grad = grad
+    return param
+
+
+@pytest.mark.parametrize("grad", [torch.linspace(-1, 1, 5, dtype=torch.bfloat16),
+                                  torch.ones(1, dtype=torch.bfloat16).expand(5)], ids=["plain", "expanded"])
+def test_fused_reads_gradients_and_never_writes_them(grad):
+    """Small (packed) and irregular (expanded) bfloat16 gradients keep their version and values."""
+    param = _bf16_param_with(grad)
+    version, values, start = grad._version, grad.clone(), param.detach().clone()
+    Adai([param], fused=True).step()
+    assert grad._version == version and torch.equal(grad, values)
+    assert not torch.equal(param, start)
+
+
+def test_fused_found_inf_leaves_everything_unchanged():
+    """Pass 2 with ``found_inf`` = 1 (device-side skip) changes no parameter and no state."""
+    param = _bf16_param_with(torch.linspace(-1, 1, 5, dtype=torch.bfloat16))
+    optimizer = Adai([param], fused=True)
+    optimizer.step()
+    state = optimizer.state[param]
+    lists = [[param.detach()], [param.grad], [state["exp_avg"]], [state["exp_avg_sq"]], [state["beta1_prod"]]]
+    before = [lst[0].clone() for lst in lists]
+    hyper = Adai._hyper(optimizer.param_groups[0])
+    _fused.inertia_update_fused(*lists, [2], torch.tensor(0.5), hyper, found_inf=torch.ones(()))
+    assert all(torch.equal(lst[0], b) for lst, b in zip(lists, before))
+    _fused.inertia_update_fused(*lists, [2], torch.tensor(0.5), hyper, found_inf=torch.zeros(()))
+    assert not torch.equal(param, before[0])
+
+
+@pytest.mark.slow
+def test_fused_never_hits_the_recompile_limit(monkeypatch):
+    """With dynamo's recompile limit at 1, every configuration (dtype, L2, dampening) and size (0-element,
+    1-element, 0-dim, packed, dense, transposed) steps: one compiled graph per configuration serves them all."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    configs = [dict(), dict(weight_decay=0.1), dict(dampening=0.5), dict(weight_decay=0.1, dampening=0.5)]
+    for config in configs:
+        for shape in [(1,), (0,), (), (3,), (5000,), (70, 90)]:
+            param = torch.nn.Parameter(torch.randn(shape).to(torch.bfloat16))
+            transposed = torch.nn.Parameter(torch.randn(7, 3).to(torch.bfloat16).t())
+            param.grad, transposed.grad = torch.randn_like(param), torch.randn(3, 7).to(torch.bfloat16)
+            optimizer = Adai([param, transposed], fused=True, **config)
+            optimizer.step()
+            transposed.grad = None  # the next step has one parameter (another pack layout)
+            optimizer.step()
+            assert torch.isfinite(param).all() and torch.isfinite(transposed).all()

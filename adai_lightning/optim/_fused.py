@@ -24,6 +24,7 @@ step's extra memory never grows with the model.
 from __future__ import annotations
 
 import functools
+import types
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -65,7 +66,7 @@ def _vhat_sum_kernel(grad: Tensor, exp_avg_sq: Tensor, s: Tensor, use_l2: bool, 
 
 
 def _update_kernel(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, beta1_prod: Tensor,
-                   vbar: Tensor, s: Tensor, use_l2: bool, damped: bool) -> None:
+                   vbar: Tensor, s: Tensor, found_inf: Tensor, use_l2: bool, damped: bool) -> None:
     dtype = exp_avg.dtype
     g = _grad_term(param, grad, dtype, s, use_l2)
     v = _new_second_moment(exp_avg_sq, g, s)
@@ -80,16 +81,28 @@ def _update_kernel(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Ten
     m = beta1 * exp_avg + weight * g
     update = m / (1.0 - prod) * (-s[_STEP_SCALE].to(dtype))
     new_param = param * s[_DECAY].to(param.dtype) + update.to(param.dtype)
-    exp_avg_sq.copy_(v)
-    exp_avg.copy_(m)
-    beta1_prod.copy_(prod)
-    param.copy_(new_param)
+    keep = found_inf == 0
+    exp_avg_sq.copy_(torch.where(keep, v, exp_avg_sq))
+    exp_avg.copy_(torch.where(keep, m, exp_avg))
+    beta1_prod.copy_(torch.where(keep, prod, beta1_prod))
+    param.copy_(torch.where(keep, new_param, param))
 
 
 @functools.cache
-def _compiled(kernel: Callable[..., Any]) -> Callable[..., Any]:
-    """``kernel`` under ``torch.compile``, created on first use (importing dynamo takes about a second)."""
-    return torch.compile(kernel, dynamic=True, fullgraph=True)
+def _compiled(kernel: Callable[..., Any], config: tuple) -> Callable[..., Any]:
+    """``kernel`` under ``torch.compile`` for one configuration (device, dtypes, flags), created on first use.
+
+    Each configuration gets its own copy of the kernel's code object: dynamo counts its
+    ``recompile_limit`` per code object, so a process that steps many kinds of buckets never runs
+    into it (with ``fullgraph=True`` that would raise in the middle of a step).
+    """
+    code = kernel.__code__.replace(co_name=f"{kernel.__name__}[{', '.join(map(str, config))}]")
+    copy = types.FunctionType(code, kernel.__globals__, code.co_name, kernel.__defaults__, kernel.__closure__)
+    return torch.compile(copy, dynamic=True, fullgraph=True)
+
+
+def _config(lists: list[list[Tensor]], *flags: bool) -> tuple:
+    return (lists[0][0].device.type, *(lst[0].dtype for lst in lists), *flags)
 
 
 def _scalars(hyper: AdaiHyper, steps: list[int], device: torch.device) -> Tensor:
@@ -135,7 +148,9 @@ class _Item:
 
     Three kinds: a dense tensor, updated in place through its flat aliases (``flats``); a pack of
     small contiguous tensors, concatenated and split back; a single tensor of irregular layout,
-    copied and copied back.
+    copied and copied back. Gradients are never written back (an optimizer must not change them).
+    Packs of fewer than two elements are padded with zeros: dynamo specialises sizes 0 and 1, so
+    every operand has at least two elements and one compiled graph per configuration serves every size.
     """
 
     def __init__(self, tensors: list[list[Tensor]], row: int, flats: list[Tensor] | None) -> None:
@@ -146,14 +161,19 @@ class _Item:
     def operands(self) -> list[Tensor]:
         if self.flats is not None:
             return self.flats
-        return [torch.cat([t.reshape(-1) for t in group]) for group in self.tensors]
+        padding = max(0, 2 - sum(t.numel() for t in self.tensors[0]))
+        return [torch.cat([t.reshape(-1) for t in group] + [group[0].new_zeros(padding)]) for group in self.tensors]
 
-    def write_back(self, operands: list[Tensor]) -> None:
-        """Copy results into the original tensors, unless the kernel already wrote them in place."""
+    def write_back(self, operands: list[Tensor], read_only: int) -> None:
+        """Copy results into the original tensors, except list ``read_only`` (the gradients), unless the
+        kernel wrote them in place."""
         if self.flats is not None:
             return
         sizes = [t.numel() for t in self.tensors[0]]
-        for group, flat in zip(self.tensors, operands):
+        for position, (group, flat) in enumerate(zip(self.tensors, operands)):
+            if position == read_only:
+                continue
+            flat = flat[: sum(sizes)]
             if len(group) == 1:
                 group[0].copy_(flat.view(group[0].shape))
             else:
@@ -185,12 +205,14 @@ def _items(lists: list[list[Tensor]], steps: list[int]) -> Iterator[_Item]:
 
 
 def vhat_sum_fused(params: list[Tensor], grads: list[Tensor], exp_avg_sqs: list[Tensor], steps: list[int],
-                   hyper: AdaiHyper) -> Tensor:
-    """Pass 1: ``sum(vhat)`` (float64) of the updated second moment; changes no tensor."""
+                   hyper: AdaiHyper, found_inf: Tensor | None = None) -> Tensor:
+    """Pass 1: ``sum(vhat)`` (float64) of the updated second moment; changes no tensor (so ``found_inf``,
+    accepted for the common path signature, needs nothing here: pass 2 skips)."""
+    del found_inf
     scalars = _scalars(hyper, sorted(set(steps)), exp_avg_sqs[0].device)
     use_l2 = hyper.l2 != 0.0
     lists = [grads, exp_avg_sqs, params] if use_l2 else [grads, exp_avg_sqs]  # p is read for L2 only
-    kernel = _compiled(_vhat_sum_kernel)
+    kernel = _compiled(_vhat_sum_kernel, _config(lists, use_l2))
     sums = []
     for item in _items(lists, steps):
         grad, exp_avg_sq, *param = item.operands()
@@ -200,15 +222,19 @@ def vhat_sum_fused(params: list[Tensor], grads: list[Tensor], exp_avg_sqs: list[
 
 def inertia_update_fused(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                          exp_avg_sqs: list[Tensor], beta1_prods: list[Tensor], steps: list[int], vbar: Tensor,
-                         hyper: AdaiHyper) -> None:
-    """Pass 2: decay, second moment, inertia, momentum and parameter update in one sweep per item."""
-    scalars = _scalars(hyper, sorted(set(steps)), exp_avgs[0].device)
+                         hyper: AdaiHyper, found_inf: Tensor | None = None) -> None:
+    """Pass 2: decay, second moment, inertia, momentum and parameter update in one sweep per item;
+    with ``found_inf`` (0-dim, on the device) nonzero every tensor keeps its value."""
+    device = exp_avgs[0].device
+    scalars = _scalars(hyper, sorted(set(steps)), device)
+    skip = torch.zeros((), device=device) if found_inf is None else found_inf
     use_l2, damped = hyper.l2 != 0.0, hyper.dampening != 1.0
-    kernel = _compiled(_update_kernel)
-    for item in _items([params, grads, exp_avgs, exp_avg_sqs, beta1_prods], steps):
+    lists = [params, grads, exp_avgs, exp_avg_sqs, beta1_prods]
+    kernel = _compiled(_update_kernel, _config(lists, use_l2, damped))
+    for item in _items(lists, steps):
         operands = item.operands()
-        kernel(*operands, vbar, scalars[item.row], use_l2, damped)
-        item.write_back(operands)
+        kernel(*operands, vbar, scalars[item.row], skip, use_l2, damped)
+        item.write_back(operands, read_only=1)
 
 
 def unsupported_reason(params: list[Tensor]) -> str | None:
@@ -248,6 +274,13 @@ def _build_error(device: str, param_dtype: torch.dtype, grad_dtype: torch.dtype,
 _warned: set[str] = set()
 
 
+def warn_once(warned: set[str], reason: str, message: str) -> None:
+    """Warn ``message`` the first time ``reason`` is seen in ``warned`` (a module's set of given reasons)."""
+    if reason not in warned:
+        warned.add(reason)
+        warnings.warn(message, stacklevel=4)
+
+
 def use_fused(requested: bool | None, params: list[Tensor], grads: list[Tensor], state_dtype: torch.dtype,
               hyper: AdaiHyper) -> bool:
     """Whether to run this bucket (one device and dtype) on the compiled kernels.
@@ -268,7 +301,5 @@ def use_fused(requested: bool | None, params: list[Tensor], grads: list[Tensor],
         return True
     if requested:
         raise RuntimeError(f"Adai(fused=True) cannot run: {reason}")
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"Adai's fused step is unavailable, using the foreach path: {reason}", stacklevel=3)
+    warn_once(_warned, reason, f"Adai's fused step is unavailable, using the foreach path: {reason}")
     return False

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from adai_lightning.optim import _functional as F
-from adai_lightning.optim import _fused, _native
+from adai_lightning.optim import _fused, _multi_tensor, _native
 from adai_lightning.optim import distributed
 
 _STATE_TENSORS = ("exp_avg", "exp_avg_sq", "beta1_prod")
@@ -71,15 +71,18 @@ class _GroupWork:
     states: list[dict[str, Any]] = field(default_factory=list)
 
     def passes(self, params: list[Tensor], grads: list[Tensor]) -> tuple[Callable[..., Tensor], Callable[..., None]]:
-        """The pass-1 and pass-2 functions for one bucket: native (CPU), compiled, foreach or single-tensor.
+        """The pass-1 and pass-2 functions for one bucket: native (CPU), multi-tensor Triton (CUDA),
+        compiled, foreach or single-tensor.
 
         A guarded step runs the paths that take ``found_inf`` and step tensors (native, foreach,
-        single-tensor); the compiled kernels take Python int steps, so such a bucket runs foreach.
+        single-tensor); the Triton and compiled kernels take Python int steps, so such a bucket runs foreach.
         """
         dtype = state_dtype(params[0])
         if self.fused is not False:
             if _native.use_native(params, grads, dtype):
                 return _native.vhat_sum_native, _native.inertia_update_native
+            if not self.guarded and _multi_tensor.use_multi_tensor(self.fused, params, grads, dtype, self.hyper):
+                return _multi_tensor.vhat_sum_multi_tensor, _multi_tensor.inertia_update_multi_tensor
             if not self.guarded and _fused.use_fused(self.fused, params, grads, dtype, self.hyper):
                 return _fused.vhat_sum_fused, _fused.inertia_update_fused
         if self.foreach:
@@ -138,11 +141,13 @@ class Adai(Optimizer):
         fused: run each pass as one kernel over the whole bucket (device and dtype) instead of the
             eager paths. On CPU with float32 or float64 parameters, gradients and state, that is a
             small C library compiled once per machine and cached (``adai_lightning.optim._native``);
-            elsewhere (CUDA, bfloat16/float16 parameters) ``torch.compile``-generated kernels, one
-            per tensor (``adai_lightning.optim._fused``), compiled once per process. ``None`` (the
-            default, when foreach is not turned off) picks the native CPU kernel for every supported
-            bucket and the compiled kernels for buckets of at least 2**20 elements, and warns once
-            and falls back to foreach when one cannot be built; ``True`` requires a fused path
+            on CUDA two Triton kernels launched once per pass over the whole bucket
+            (``adai_lightning.optim._multi_tensor``); elsewhere (bfloat16/float16 on CPU)
+            ``torch.compile``-generated kernels, one per tensor (``adai_lightning.optim._fused``),
+            compiled once per process. ``None`` (the default, when foreach is not turned off) picks
+            the native CPU kernel for every supported bucket and the Triton or compiled kernels for
+            buckets of at least 2**20 elements, and warns once and falls back to foreach when one
+            cannot be built; ``True`` requires a fused path
             (error if none can run); ``False`` never uses them.
         sharding: how ``vbar`` (a mean over the WHOLE model) is formed across processes; see
             :mod:`adai_lightning.optim.distributed`. ``"auto"`` (default) all-reduces the local
