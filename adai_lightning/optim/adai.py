@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import chain
@@ -13,36 +14,16 @@ from torch.optim import Optimizer
 
 from adai_lightning.optim import _functional as F
 from adai_lightning.optim import _fused, _native
-from adai_lightning.optim import distributed
+from adai_lightning.optim import _validation, distributed
+from adai_lightning.optim._validation import state_dtype
 
 _STATE_TENSORS = ("exp_avg", "exp_avg_sq", "beta1_prod")
 _FOREACH_TYPES = (Tensor, torch.nn.Parameter)
 
 
-def state_dtype(param: Tensor) -> torch.dtype:
-    """Precision of Adai's state for ``param``: float32 for 16-bit parameters, else the parameter's own."""
-    return torch.float32 if param.dtype in (torch.float16, torch.bfloat16) else param.dtype
-
-
-def _check_range(name: str, value: float, low: float, high: float, low_open: bool, high_open: bool) -> None:
-    above = value > low if low_open else value >= low
-    below = value < high if high_open else value <= high
-    if not (above and below):  # also rejects NaN
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ValueError(f"Invalid {name}: {value!r}; it must lie in {interval}")
-
-
-def validate_hyperparameters(lr: float, betas: tuple[float, float], eps: float, weight_decay: float, dampening: float) -> None:
-    """Raise a ValueError that names the argument, its value and the valid range."""
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ValueError(f"Invalid betas: {betas!r}; it must be a pair (beta0, beta2)")
-    inf = float("inf")
-    _check_range("lr", lr, 0.0, inf, low_open=False, high_open=True)
-    _check_range("beta0 (betas[0])", betas[0], 0.0, 1.0, low_open=True, high_open=False)
-    _check_range("beta2 (betas[1])", betas[1], 0.0, 1.0, low_open=False, high_open=True)
-    _check_range("eps", eps, 0.0, 1.0, low_open=True, high_open=True)
-    _check_range("weight_decay", weight_decay, 0.0, inf, low_open=False, high_open=True)
-    _check_range("dampening", dampening, 0.0, 1.0, low_open=False, high_open=False)
+def _same_number(a: Any, b: Any) -> bool:
+    """Whether two hyperparameter values are the same, without reading a tensor (tensors: identity)."""
+    return a is b or (not isinstance(a, Tensor) and not isinstance(b, Tensor) and a == b)
 
 
 class Inertia(NamedTuple):
@@ -166,15 +147,9 @@ class Adai(Optimizer):
         sharding: str = "auto",
         process_group: Any = None,
     ) -> None:
-        validate_hyperparameters(lr, betas, eps, weight_decay, dampening)
-        distributed.validate_sharding(sharding)
-        if fused not in (None, True, False):
-            raise ValueError(f"Invalid fused: {fused!r}; it must be None, True or False")
-        if fused and foreach:
-            raise ValueError("Invalid fused=True with foreach=True: choose at most one of them")
         defaults = dict(
             lr=lr,
-            betas=tuple(betas),
+            betas=betas,
             eps=eps,
             weight_decay=weight_decay,
             decoupled=decoupled,
@@ -183,31 +158,69 @@ class Adai(Optimizer):
             foreach=foreach,
             fused=fused,
         )
-        super().__init__(params, defaults)
-        self.last_vbar: Tensor | None = None
+        _validation.options(defaults)
+        _validation.sharding(sharding)
+        _validation.process_group(process_group)
+        defaults["betas"] = tuple(betas)
         # Attributes, not defaults: a process group must not end up in the state dict's param_groups.
         self.sharding = sharding
         self.process_group = process_group
+        self.last_vbar: Tensor | None = None
+        self._checked_betas: list[tuple | None] = []  # per group: the betas last validated
+        super().__init__(params, defaults)
+        self._watch_betas()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group after checking its hyperparameters and that its parameters are real floats."""
+        """Add a group only if its options and parameters pass every check: a refused group is not added."""
+        if isinstance(param_group, dict) and not isinstance(param_group.get("params"), set):  # else torch's TypeError
+            params = param_group["params"]
+            param_group["params"] = [params] if isinstance(params, Tensor) else list(params)  # a generator reads once
+            tensors = [p[1] if isinstance(p, tuple) else p for p in param_group["params"]]  # (name, param) pairs too
+            _validation.check_group({**self.defaults, **param_group}, tensors)
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        validate_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], group["dampening"])
-        for param in group["params"]:
-            if param.is_complex():
+        self._checked_betas.append(tuple(self.param_groups[-1]["betas"]))
+
+    def _watch_betas(self) -> None:
+        """Check ``betas`` again before a step whenever something replaced them since the last check."""
+        self._betas_watch = self.register_step_pre_hook(type(self)._check_betas_before_step)
+
+    def _check_betas_before_step(self, args: Any, kwargs: Any) -> None:
+        """Refuse betas that changed into invalid values, or that a momentum-cycling scheduler wrote.
+
+        ``OneCycleLR`` and ``CyclicLR`` with their default ``cycle_momentum=True`` write a momentum
+        (0.8 to 0.95) into ``betas[0]``, which for Adai is ``beta0`` (mean inertia ``1 - beta0``): the
+        algorithm would silently change. They mark the group with ``max_momentum``. Host-side
+        comparisons of Python numbers only (tensors by identity): no device synchronisation.
+        """
+        checked = self._checked_betas
+        if len(checked) != len(self.param_groups):  # groups replaced (load_state_dict) or removed
+            checked[:] = [None] * len(self.param_groups)
+        for index, group in enumerate(self.param_groups):
+            current = tuple(group["betas"])
+            if checked[index] is not None and all(map(_same_number, current, checked[index])):
+                continue
+            if "max_momentum" in group:
                 raise ValueError(
-                    "Adai does not support complex parameters: vhat / vbar has no ordering over complex "
-                    "numbers; optimise torch.view_as_real(param) instead"
+                    f"betas[0] of param group {index} is now {current[0]!r}, written by OneCycleLR or CyclicLR "
+                    f"(cycle_momentum=True cycles a momentum through betas[0]); for Adai betas[0] is beta0, whose "
+                    f"mean inertia is 1 - beta0: create the scheduler with cycle_momentum=False (and a new Adai)"
                 )
-            if not param.is_floating_point():
-                raise ValueError(f"Adai needs floating-point parameters, got one of dtype {param.dtype}")
+            _validation.betas(current)
+            checked[index] = current
+
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's optimizer state plus how ``vbar`` is formed (``sharding``, ``process_group``) and the last vbar."""
+        return {**super().__getstate__(), "sharding": self.sharding, "process_group": self.process_group,
+                "last_vbar": self.last_vbar}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("last_vbar", None)
-        self.__dict__.setdefault("sharding", "auto")
+        self.__dict__.setdefault("sharding", "auto")  # pickles from before these attributes existed
         self.__dict__.setdefault("process_group", None)
+        self.__dict__.setdefault("_checked_betas", [])
+        if "_betas_watch" not in self.__dict__:  # unpickled or copied: torch dropped every hook
+            self._watch_betas()
         for group in self.param_groups:
             for key in ("decoupled", "maximize"):
                 group.setdefault(key, False)
@@ -215,9 +228,52 @@ class Adai(Optimizer):
             group.setdefault("foreach", None)
             group.setdefault("fused", None)
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        if self.process_group is not None:
+            raise TypeError(
+                "Cannot pickle an Adai built with process_group=<a ProcessGroup>: a process group belongs to the "
+                "process that created it. Pickle optimizer.state_dict() instead, or build the optimizer with "
+                "process_group=None (the default group, which pickles; copy.deepcopy keeps the group)"
+            )
+        return super().__reduce_ex__(protocol)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Adai:
+        """A deep copy that shares the process group (a communicator of this process, not data)."""
+        if self.process_group is not None:
+            memo[id(self.process_group)] = self.process_group
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return copied
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load state, keeping it in Adai's own precision (torch would cast it to the parameter's dtype)."""
-        super().load_state_dict(state_dict)
+        """torch's load, honouring its hooks, with the state kept in Adai's own precision.
+
+        torch casts floating state to each parameter's dtype (bfloat16 state would lose Adai's float32
+        precision). Adai re-reads it at full precision from the dict the load-state-dict pre-hooks
+        returned (not the argument), before any post-hook runs: both kinds of hooks work as for torch's
+        optimizers. The loaded hyperparameters are checked before anything changes.
+        """
+        loaded: dict[str, Any] = {}
+
+        def capture(optimizer: Adai, final: dict[str, Any]) -> None:  # runs after every other pre-hook
+            for saved, group in zip(final["param_groups"], self.param_groups):
+                _validation.check_group({**self.defaults, **saved}, group["params"])
+            loaded["state_dict"] = final
+
+        def restore(optimizer: Adai) -> None:  # runs before every other post-hook
+            self._restore_state(loaded["state_dict"])
+
+        handles = [self.register_load_state_dict_pre_hook(capture),
+                   self.register_load_state_dict_post_hook(restore, prepend=True)]
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _restore_state(self, state_dict: dict[str, Any]) -> None:
+        """Per-parameter state from ``state_dict`` (ids as saved), copied in :func:`state_dtype` precision."""
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         for saved_id, param in zip(saved_ids, params):
@@ -225,10 +281,16 @@ class Adai(Optimizer):
             if saved is None:
                 continue
             state = self.state[param]
-            state["step"] = int(saved["step"])
+            state["step"] = self._loaded_step(saved["step"])
             for key in _STATE_TENSORS:
                 state[key] = saved[key].to(device=param.device, dtype=state_dtype(param), copy=True)
         self.last_vbar = None
+        self._checked_betas = []
+
+    @staticmethod
+    def _loaded_step(saved: int | Tensor) -> int:
+        """The step counter in this optimizer's layout from a saved one (an int, or the reference's tensor)."""
+        return int(saved)
 
     def _init_state(self, param: Tensor) -> dict[str, Any]:
         state = self.state[param]
@@ -281,10 +343,10 @@ class Adai(Optimizer):
     def _global_mean(self, total: Tensor, count: int) -> Tensor:
         """``vbar`` from this rank's sum of vhat and element count (DTensors: their local shards).
 
-        Reduced over :attr:`process_group` when this rank holds only part of the model (see ``sharding``).
+        Reduced over :attr:`process_group` whenever it has several ranks, unless ``sharding="replicated"``.
         """
         params = (p for group in self.param_groups for p in group["params"])
-        if distributed.needs_reduction(self.sharding, params):
+        if distributed.needs_reduction(self.sharding, params, self.process_group):
             return distributed.global_mean(total, count, self.process_group)
         return F.safe_mean(total, count)
 
@@ -297,10 +359,9 @@ class Adai(Optimizer):
                 loss = closure()
 
         works = [work for work in map(self._gather, self.param_groups) if work.params]
-        if not works:
-            if self.sharding == "partitioned":  # the other ranks wait for this rank's share of vbar
-                anchor = self.param_groups[0]["params"][0]
-                self._global_mean(anchor.new_zeros((), dtype=state_dtype(anchor)), 0)
+        if not works:  # still join the other ranks' reduction of vbar, if there is one
+            anchor = self.param_groups[0]["params"][0]
+            self._global_mean(anchor.new_zeros((), dtype=state_dtype(anchor)), 0)
             return loss
 
         plan = [(work.hyper, bucket, work.passes(bucket)) for work in works for bucket in work.buckets()]
