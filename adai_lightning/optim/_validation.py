@@ -33,7 +33,8 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
 }
 ROLES = {"betas[0]": "beta0", "betas[1]": "beta2"}
 
-# Boolean options: name -> whether None is allowed (None: "choose for me"). A new flag is one line here.
+# Boolean options: name -> whether None is allowed (None: "choose for me"). A new param-group flag is one
+# line here; a constructor-only flag (an attribute, not a default) also needs its ``flag(name, value)`` call.
 FLAGS: dict[str, bool] = {
     "decoupled": False,
     "maximize": False,
@@ -111,7 +112,7 @@ def options(group: Mapping[str, Any]) -> None:
     for name in ("lr", "eps", "weight_decay", "dampening"):
         number(name, group[name])
     betas(group["betas"])
-    for name in FLAGS:
+    for name in FLAGS.keys() & group.keys():
         flag(name, group[name])
     if group["fused"] and group["foreach"]:
         raise ValueError("Invalid fused=True with foreach=True: choose at most one of them")

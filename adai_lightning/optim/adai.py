@@ -111,12 +111,13 @@ class Adai(Optimizer):
             (error if none can run); ``False`` never uses them.
         sharding: how ``vbar`` (a mean over the WHOLE model) is formed across processes; see
             :mod:`adai_lightning.optim.distributed`. ``"auto"`` (default) all-reduces the local
-            ``(sum, count)`` when parameters are DTensors (FSDP2) and communicates nothing otherwise
-            (single process, DDP); ``"partitioned"`` always all-reduces (each rank holds a disjoint
-            part of the parameters: ``ZeroRedundancyOptimizer(..., optimizer_class=Adai,
-            sharding="partitioned")``); ``"replicated"`` never communicates.
+            ``(sum, count)`` whenever ``process_group`` has more than one rank: right for DDP,
+            ZeRO (``ZeroRedundancyOptimizer(..., optimizer_class=Adai)``), FSDP2 and hybrids alike,
+            and refuses DTensors of mixed placements; ``"partitioned"`` reduces without that check;
+            ``"replicated"`` never communicates (the opt-out where every rank holds every parameter).
         process_group: the ranks ``vbar`` is reduced over (``None``: the default group). Cost: one
-            all-reduce of 16 bytes per step, asynchronous, without host synchronisation.
+            all-reduce of 16 bytes per step, issued on the device, without host synchronisation.
+            ``copy.deepcopy`` shares it; pickling an optimizer that holds one raises ``TypeError``.
 
     State per parameter (keys as in the authors' reference implementation, whose checkpoints load):
     ``step`` (int), ``exp_avg`` (m), ``exp_avg_sq`` (v), ``beta1_prod`` (P, per element). The three

@@ -73,7 +73,9 @@ def replication(param: Tensor) -> int:
     return math.prod(mesh.size(dim) for dim, placement in enumerate(param.placements) if not placement.is_shard())
 
 
-def needs_reduction(sharding: str, params: Iterable[Tensor], process_group: dist.ProcessGroup | None) -> bool:
+def needs_reduction(
+    sharding: str, params: Iterable[Tensor], process_group: dist.ProcessGroup | None = None
+) -> bool:
     """Whether ``vbar`` must be reduced over ``process_group`` for these parameters in this sharding mode."""
     if sharding == "replicated" or not (dist.is_available() and dist.is_initialized()):
         return False
