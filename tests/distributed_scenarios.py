@@ -51,10 +51,16 @@ def full_params(model: nn.Module) -> list[torch.Tensor]:
     return [p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone() for p in model.parameters()]
 
 
+def single_process_adai(params, options: dict) -> Adai:
+    """Adai as in a single process, although it runs inside the process group (possibly on one rank
+    alone): ``sharding="replicated"``, or it would wait for the other ranks to join its reduction of vbar."""
+    return Adai(params, **{**options, "sharding": "replicated"})
+
+
 def reference(options: dict | None = None) -> list[torch.Tensor]:
     """Parameters after ``STEPS`` single-process steps of Adai with ``options`` (default :data:`HYPER`)."""
     model = make_model()
-    train(model, Adai(model.parameters(), **(HYPER if options is None else options)), rank=0, world=1)
+    train(model, single_process_adai(model.parameters(), HYPER if options is None else options), rank=0, world=1)
     return full_params(model)
 
 
@@ -99,7 +105,7 @@ def resume_single_process(model: nn.Module, options: dict, load_state) -> nn.Mod
     with torch.no_grad():
         for target, source in zip(plain.parameters(), full_params(model)):
             target.copy_(source)
-    optimizer = Adai(plain.parameters(), **options)
+    optimizer = single_process_adai(plain.parameters(), options)
     load_state(plain, optimizer)
     train(plain, optimizer, rank=0, world=1, steps=slice(STEPS // 2, None))
     return plain
@@ -135,7 +141,7 @@ def fsdp2_checkpoint(options: dict) -> nn.Module:
 def single_process_half(options: dict) -> tuple[nn.Module, Adai]:
     """Half the steps in one process (every rank computes the same), for resuming under sharding."""
     model = make_model()
-    optimizer = Adai(model.parameters(), **options)
+    optimizer = single_process_adai(model.parameters(), options)
     train(model, optimizer, rank=0, world=1, steps=HALF)
     return model, optimizer
 

@@ -21,9 +21,12 @@ _STATE_TENSORS = ("exp_avg", "exp_avg_sq", "beta1_prod")
 _FOREACH_TYPES = (Tensor, torch.nn.Parameter)
 
 
-def _same_number(a: Any, b: Any) -> bool:
-    """Whether two hyperparameter values are the same, without reading a tensor (tensors: identity)."""
-    return a is b or (not isinstance(a, Tensor) and not isinstance(b, Tensor) and a == b)
+def _unchanged(betas: Any, seen: tuple | None) -> bool:
+    """Whether ``betas`` still holds the values ``seen`` at the last check (tensors compare by identity,
+    so that no device value is read)."""
+    if seen is None or not isinstance(betas, (tuple, list)) or len(betas) != len(seen):
+        return False
+    return all(a is b or not (isinstance(a, Tensor) or isinstance(b, Tensor)) and a == b for a, b in zip(betas, seen))
 
 
 class Inertia(NamedTuple):
@@ -114,7 +117,9 @@ class Adai(Optimizer):
             ``(sum, count)`` whenever ``process_group`` has more than one rank: right for DDP,
             ZeRO (``ZeroRedundancyOptimizer(..., optimizer_class=Adai)``), FSDP2 and hybrids alike,
             and refuses DTensors of mixed placements; ``"partitioned"`` reduces without that check;
-            ``"replicated"`` never communicates (the opt-out where every rank holds every parameter).
+            ``"replicated"`` never communicates (the opt-out where every rank holds every parameter,
+            and required for an optimizer that steps on some ranks only, which would otherwise wait
+            for the others to join the all-reduce).
         process_group: the ranks ``vbar`` is reduced over (``None``: the default group). Cost: one
             all-reduce of 16 bytes per step, issued on the device, without host synchronisation.
             ``copy.deepcopy`` shares it; pickling an optimizer that holds one raises ``TypeError``.
@@ -197,17 +202,17 @@ class Adai(Optimizer):
         if len(checked) != len(self.param_groups):  # groups replaced (load_state_dict) or removed
             checked[:] = [None] * len(self.param_groups)
         for index, group in enumerate(self.param_groups):
-            current = tuple(group["betas"])
-            if checked[index] is not None and all(map(_same_number, current, checked[index])):
+            betas = group["betas"]
+            if _unchanged(betas, checked[index]):
                 continue
             if "max_momentum" in group:
                 raise ValueError(
-                    f"betas[0] of param group {index} is now {current[0]!r}, written by OneCycleLR or CyclicLR "
+                    f"betas[0] of param group {index} is now {betas[0]!r}, written by OneCycleLR or CyclicLR "
                     f"(cycle_momentum=True cycles a momentum through betas[0]); for Adai betas[0] is beta0, whose "
                     f"mean inertia is 1 - beta0: create the scheduler with cycle_momentum=False (and a new Adai)"
                 )
-            _validation.betas(current)
-            checked[index] = current
+            _validation.betas(betas)
+            checked[index] = tuple(betas)
 
     def __getstate__(self) -> dict[str, Any]:
         """torch's optimizer state plus how ``vbar`` is formed (``sharding``, ``process_group``) and the last vbar."""
