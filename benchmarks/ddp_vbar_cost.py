@@ -7,7 +7,8 @@ Both optimizers drive the same DDP model (an MLP 784-width-width-10), one traini
 round in an order drawn per round (the same on both ranks, as collectives must match), so that drifting
 machine load hits both alike. Timed per rank: ``optimizer.step()`` alone, and the whole iteration
 (forward, backward with DDP's gradient all-reduce, step). Rank 0 prints medians over rounds (and the
-slower rank's median), and the ratios auto / replicated.
+slower rank's median), the ratios auto / replicated, and the latency of the 16-byte all-reduce alone
+(after a barrier, i.e. without waiting for a rank that lags).
 """
 
 from __future__ import annotations
@@ -57,6 +58,13 @@ def worker(rank: int, init_file: str, args: argparse.Namespace) -> None:
             if round_index >= args.warmup:
                 times[mode][0].append(whole)
                 times[mode][1].append(step)
+    bare = []
+    pair = torch.zeros(2, dtype=torch.float64)
+    for _ in range(args.rounds):
+        dist.barrier()
+        start = time.perf_counter()
+        dist.all_reduce(pair)
+        bare.append(time.perf_counter() - start)
     medians = torch.tensor([[statistics.median(times[m][k]) for k in (0, 1)] for m in MODES], dtype=torch.float64)
     slowest = medians.clone()
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
@@ -70,6 +78,7 @@ def worker(rank: int, init_file: str, args: argparse.Namespace) -> None:
             print(f"{mode:<12} {cells[0]:>18} {cells[1]:>18}")
         ratio = slowest[0] / slowest[1]
         print(f"ratio auto / replicated (slower rank): iteration {ratio[0]:.3f}, optimizer.step() {ratio[1]:.3f}")
+        print(f"a bare 16-byte all_reduce right after a barrier: {statistics.median(bare) * 1e3:.3f} ms (median)")
     dist.barrier()
     dist.destroy_process_group()
 
