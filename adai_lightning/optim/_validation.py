@@ -1,8 +1,9 @@
 """Every check on Adai's arguments, in one place: numbers, flags, ``sharding``, and the parameters themselves.
 
-The constructor, :meth:`~adai_lightning.optim.Adai.add_param_group`, ``load_state_dict`` and the
-betas watch before each step all call :func:`check_group`, so a value is accepted or refused the same
-way wherever it enters. Each failure is one line naming the argument, the value and what is allowed:
+The constructor (:func:`options`, :func:`sharding`, :func:`process_group`),
+:meth:`~adai_lightning.optim.Adai.add_param_group` and ``load_state_dict`` (:func:`check_group`, before
+anything changes) and the betas watch before each step (:func:`betas`) call these, so a value is
+accepted or refused the same way wherever it enters. Each failure is one line naming the argument, the value and what is allowed:
 ``TypeError`` for the wrong kind of value (a string, ``None``, a bool where a number belongs, a
 number where a bool belongs), ``ValueError`` for a value out of range.
 
