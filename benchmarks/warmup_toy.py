@@ -80,7 +80,8 @@ def main() -> None:
     print(f"seeds with a curvature above SGD-M's stability limit 2 (1 + 0.9) / 0.1 = 38: {beyond_sgd}")
     for name, (make, warmup) in RUNS.items():
         failed = [s for s, (h, x0) in enumerate(problems) if diverges(make, warmup, h, x0, args.steps)]
-        print(f"{name:<24} first step {first_step(make, warmup):.2f} |g|   diverged {len(failed):>2}/{args.seeds}: {failed}")
+        step = first_step(make, warmup)
+        print(f"{name:<24} first step {step:.2f} |g|   diverged {len(failed):>2}/{args.seeds}: {failed}")
 
 
 if __name__ == "__main__":

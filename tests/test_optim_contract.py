@@ -18,7 +18,8 @@ SHAPES = [(4, 3), (5,), (2, 3)]
 
 
 def make_params(dtype: torch.dtype = torch.float32) -> list[nn.Parameter]:
-    return [nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i)).to(dtype)) for i, s in enumerate(SHAPES)]
+    seeded = (torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(SHAPES))
+    return [nn.Parameter(values.to(dtype)) for values in seeded]
 
 
 def set_grads(params: list[torch.Tensor], step: int) -> None:

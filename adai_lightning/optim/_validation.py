@@ -3,7 +3,8 @@
 The constructor (:func:`options`, :func:`sharding`, :func:`process_group`),
 :meth:`~adai_lightning.optim.Adai.add_param_group` and ``load_state_dict`` (:func:`check_group`, before
 anything changes) and the betas watch before each step (:func:`betas`) call these, so a value is
-accepted or refused the same way wherever it enters. Each failure is one line naming the argument, the value and what is allowed:
+accepted or refused the same way wherever it enters. Each failure is one line naming the argument,
+the value and what is allowed:
 ``TypeError`` for the wrong kind of value (a string, ``None``, a bool where a number belongs, a
 number where a bool belongs), ``ValueError`` for a value out of range.
 
@@ -66,7 +67,8 @@ def number(name: str, value: Any) -> float:
             raise TypeError(f"Invalid {label}: a {value.dtype} tensor; it must be a real number in {_interval(name)}")
         as_float = float(value.detach().cpu().item())
     elif isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"Invalid {label}: {value!r} ({type(value).__name__}); it must be a real number in {_interval(name)}")
+        kind = type(value).__name__
+        raise TypeError(f"Invalid {label}: {value!r} ({kind}); it must be a real number in {_interval(name)}")
     else:
         as_float = float(value)
     low, high, low_open, high_open = RANGES[name]
