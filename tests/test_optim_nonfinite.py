@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import io
+import pickle
 
 import pytest
 import torch
@@ -137,6 +139,17 @@ def test_skipped_steps_survive_a_checkpoint_and_resume_bitwise() -> None:
         second.step()
     assert all(torch.equal(a, b) for a, b in zip(straight, restored))
     assert second.skipped_steps.item() == opt.skipped_steps.item() == 2.0
+
+
+def test_copies_keep_the_guard_and_its_count() -> None:
+    params = _params()
+    opt = Adai(params, skip_nonfinite=True)
+    for step in range(4):
+        _set_grads(params, step, float("nan") if step == 2 else None)
+        opt.step()
+    for copied in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert copied.skip_nonfinite is True
+        assert copied.skipped_steps.item() == 1.0
 
 
 @pytest.mark.parametrize("path", list(PATHS))

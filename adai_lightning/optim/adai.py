@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -15,7 +16,8 @@ from torch.optim import Optimizer
 
 from adai_lightning.optim import _functional as F
 from adai_lightning.optim import _fused, _multi_tensor, _native
-from adai_lightning.optim import distributed
+from adai_lightning.optim import _validation, distributed
+from adai_lightning.optim._validation import state_dtype
 
 _STATE_TENSORS = ("exp_avg", "exp_avg_sq", "beta1_prod")
 #: Pass-1 functions that write state (``v``, and ``p`` under decoupled decay) before ``vbar`` is known.
@@ -23,30 +25,12 @@ _WRITING_PASS1 = (F.second_moment_single_tensor, F.second_moment_foreach)
 _FOREACH_TYPES = (Tensor, torch.nn.Parameter)
 
 
-def state_dtype(param: Tensor) -> torch.dtype:
-    """Precision of Adai's state for ``param``: float32 for 16-bit parameters, else the parameter's own."""
-    return torch.float32 if param.dtype in (torch.float16, torch.bfloat16) else param.dtype
-
-
-def _check_range(name: str, value: float, low: float, high: float, low_open: bool, high_open: bool) -> None:
-    above = value > low if low_open else value >= low
-    below = value < high if high_open else value <= high
-    if not (above and below):  # also rejects NaN
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ValueError(f"Invalid {name}: {value!r}; it must lie in {interval}")
-
-
-def validate_hyperparameters(lr: float, betas: tuple[float, float], eps: float, weight_decay: float, dampening: float) -> None:
-    """Raise a ValueError that names the argument, its value and the valid range."""
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
-        raise ValueError(f"Invalid betas: {betas!r}; it must be a pair (beta0, beta2)")
-    inf = float("inf")
-    _check_range("lr", lr, 0.0, inf, low_open=False, high_open=True)
-    _check_range("beta0 (betas[0])", betas[0], 0.0, 1.0, low_open=True, high_open=False)
-    _check_range("beta2 (betas[1])", betas[1], 0.0, 1.0, low_open=False, high_open=True)
-    _check_range("eps", eps, 0.0, 1.0, low_open=True, high_open=True)
-    _check_range("weight_decay", weight_decay, 0.0, inf, low_open=False, high_open=True)
-    _check_range("dampening", dampening, 0.0, 1.0, low_open=False, high_open=False)
+def _unchanged(betas: Any, seen: tuple | None) -> bool:
+    """Whether ``betas`` still holds the values ``seen`` at the last check (tensors compare by identity,
+    so that no device value is read)."""
+    if seen is None or not isinstance(betas, (tuple, list)) or len(betas) != len(seen):
+        return False
+    return all(a is b or not (isinstance(a, Tensor) or isinstance(b, Tensor)) and a == b for a, b in zip(betas, seen))
 
 
 class Inertia(NamedTuple):
@@ -151,12 +135,15 @@ class Adai(Optimizer):
             (error if none can run); ``False`` never uses them.
         sharding: how ``vbar`` (a mean over the WHOLE model) is formed across processes; see
             :mod:`adai_lightning.optim.distributed`. ``"auto"`` (default) all-reduces the local
-            ``(sum, count)`` when parameters are DTensors (FSDP2) and communicates nothing otherwise
-            (single process, DDP); ``"partitioned"`` always all-reduces (each rank holds a disjoint
-            part of the parameters: ``ZeroRedundancyOptimizer(..., optimizer_class=Adai,
-            sharding="partitioned")``); ``"replicated"`` never communicates.
+            ``(sum, count)`` whenever ``process_group`` has more than one rank: right for DDP,
+            ZeRO (``ZeroRedundancyOptimizer(..., optimizer_class=Adai)``), FSDP2 and hybrids alike,
+            and refuses DTensors of mixed placements; ``"partitioned"`` reduces without that check;
+            ``"replicated"`` never communicates (the opt-out where every rank holds every parameter,
+            and required for an optimizer that steps on some ranks only, which would otherwise wait
+            for the others to join the all-reduce).
         process_group: the ranks ``vbar`` is reduced over (``None``: the default group). Cost: one
-            all-reduce of 16 bytes per step, asynchronous, without host synchronisation.
+            all-reduce of 16 bytes per step, issued on the device, without host synchronisation.
+            ``copy.deepcopy`` shares it; pickling an optimizer that holds one raises ``TypeError``.
         skip_nonfinite: when a gradient holds a NaN or an infinity, change nothing in this step
             (parameters, state, step counts) and add 1 to :attr:`skipped_steps`; decided on the
             device, without host synchronisation (like fused Adam's ``found_inf``). Off by default,
@@ -193,17 +180,9 @@ class Adai(Optimizer):
         process_group: Any = None,
         skip_nonfinite: bool = False,
     ) -> None:
-        validate_hyperparameters(lr, betas, eps, weight_decay, dampening)
-        if not isinstance(skip_nonfinite, bool):
-            raise TypeError(f"Invalid skip_nonfinite: {skip_nonfinite!r}; it must be True or False")
-        distributed.validate_sharding(sharding)
-        if fused not in (None, True, False):
-            raise ValueError(f"Invalid fused: {fused!r}; it must be None, True or False")
-        if fused and foreach:
-            raise ValueError("Invalid fused=True with foreach=True: choose at most one of them")
         defaults = dict(
             lr=lr,
-            betas=tuple(betas),
+            betas=betas,
             eps=eps,
             weight_decay=weight_decay,
             decoupled=decoupled,
@@ -212,36 +191,77 @@ class Adai(Optimizer):
             foreach=foreach,
             fused=fused,
         )
-        super().__init__(params, defaults)
-        self.last_vbar: Tensor | None = None
+        _validation.options(defaults)
+        _validation.sharding(sharding)
+        _validation.process_group(process_group)
+        _validation.flag("skip_nonfinite", skip_nonfinite)
+        defaults["betas"] = tuple(betas)
         # Attributes, not defaults: a process group must not end up in the state dict's param_groups.
         self.sharding = sharding
         self.process_group = process_group
         self.skip_nonfinite = skip_nonfinite
         #: Steps skipped for a non-finite gradient (float32 0-dim, on the parameters' device once stepped).
         self.skipped_steps = torch.zeros(())
+        self.last_vbar: Tensor | None = None
+        self._checked_betas: list[tuple | None] = []  # per group: the betas last validated
+        super().__init__(params, defaults)
+        self._watch_betas()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group after checking its hyperparameters and that its parameters are real floats."""
+        """Add a group only if its options and parameters pass every check: a refused group is not added."""
+        if isinstance(param_group, dict) and not isinstance(param_group.get("params"), set):  # else torch's TypeError
+            params = param_group["params"]
+            param_group["params"] = [params] if isinstance(params, Tensor) else list(params)  # a generator reads once
+            tensors = [p[1] if isinstance(p, tuple) else p for p in param_group["params"]]  # (name, param) pairs too
+            _validation.check_group({**self.defaults, **param_group}, tensors)
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        validate_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], group["dampening"])
-        for param in group["params"]:
-            if param.is_complex():
+        self._checked_betas.append(tuple(self.param_groups[-1]["betas"]))
+
+    def _watch_betas(self) -> None:
+        """Check ``betas`` again before a step whenever something replaced them since the last check."""
+        self._betas_watch = self.register_step_pre_hook(type(self)._check_betas_before_step)
+
+    def _check_betas_before_step(self, args: Any, kwargs: Any) -> None:
+        """Refuse betas that changed into invalid values, or that a momentum-cycling scheduler wrote.
+
+        ``OneCycleLR`` and ``CyclicLR`` with their default ``cycle_momentum=True`` write a momentum
+        (0.8 to 0.95) into ``betas[0]``, which for Adai is ``beta0`` (mean inertia ``1 - beta0``): the
+        algorithm would silently change. They mark the group with ``max_momentum``. Host-side
+        comparisons of Python numbers only (tensors by identity): no device synchronisation.
+        """
+        checked = self._checked_betas
+        if len(checked) != len(self.param_groups):  # groups replaced (load_state_dict) or removed
+            checked[:] = [None] * len(self.param_groups)
+        for index, group in enumerate(self.param_groups):
+            betas = group["betas"]
+            if _unchanged(betas, checked[index]):
+                continue
+            if "max_momentum" in group:
                 raise ValueError(
-                    "Adai does not support complex parameters: vhat / vbar has no ordering over complex "
-                    "numbers; optimise torch.view_as_real(param) instead"
+                    f"betas[0] of param group {index} is now {betas[0]!r}, written by OneCycleLR or CyclicLR "
+                    f"(cycle_momentum=True cycles a momentum through betas[0]); for Adai betas[0] is beta0, whose "
+                    f"mean inertia is 1 - beta0: create the scheduler with cycle_momentum=False (and a new Adai)"
                 )
-            if not param.is_floating_point():
-                raise ValueError(f"Adai needs floating-point parameters, got one of dtype {param.dtype}")
+            _validation.betas(betas)
+            checked[index] = tuple(betas)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """torch's optimizer state plus how ``vbar`` is formed (``sharding``, ``process_group``), the last
+        vbar and the non-finite guard (``skip_nonfinite``, ``skipped_steps``)."""
+        return {**super().__getstate__(), "sharding": self.sharding, "process_group": self.process_group,
+                "last_vbar": self.last_vbar, "skip_nonfinite": self.skip_nonfinite,
+                "skipped_steps": self.skipped_steps}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("last_vbar", None)
-        self.__dict__.setdefault("sharding", "auto")
+        self.__dict__.setdefault("sharding", "auto")  # pickles from before these attributes existed
         self.__dict__.setdefault("process_group", None)
         self.__dict__.setdefault("skip_nonfinite", False)
         self.__dict__.setdefault("skipped_steps", torch.zeros(()))
+        self.__dict__.setdefault("_checked_betas", [])
+        if "_betas_watch" not in self.__dict__:  # unpickled or copied: torch dropped every hook
+            self._watch_betas()
         for group in self.param_groups:
             for key in ("decoupled", "maximize"):
                 group.setdefault(key, False)
@@ -255,9 +275,53 @@ class Adai(Optimizer):
         state_dict["skipped_steps"] = self.skipped_steps
         return state_dict
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        if self.process_group is not None:
+            raise TypeError(
+                "Cannot pickle an Adai built with process_group=<a ProcessGroup>: a process group belongs to the "
+                "process that created it. Pickle optimizer.state_dict() instead, or build the optimizer with "
+                "process_group=None (the default group, which pickles; copy.deepcopy keeps the group)"
+            )
+        return super().__reduce_ex__(protocol)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Adai:
+        """A deep copy that shares the process group (a communicator of this process, not data)."""
+        if self.process_group is not None:
+            memo[id(self.process_group)] = self.process_group
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return copied
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load state, keeping it in Adai's own precision (torch would cast it to the parameter's dtype)."""
-        super().load_state_dict(state_dict)
+        """torch's load, honouring its hooks, with the state kept in Adai's own precision.
+
+        torch casts floating state to each parameter's dtype (bfloat16 state would lose Adai's float32
+        precision). Adai re-reads it at full precision from the dict the load-state-dict pre-hooks
+        returned (not the argument), before any post-hook runs: both kinds of hooks work as for torch's
+        optimizers. The loaded hyperparameters are checked before anything changes.
+        """
+        loaded: dict[str, Any] = {}
+
+        def capture(optimizer: Adai, final: dict[str, Any]) -> None:  # runs after every other pre-hook
+            for saved, group in zip(final["param_groups"], self.param_groups):
+                _validation.check_group({**self.defaults, **saved}, group["params"])
+            loaded["state_dict"] = final
+
+        def restore(optimizer: Adai) -> None:  # runs before every other post-hook
+            self._restore_state(loaded["state_dict"])
+
+        handles = [self.register_load_state_dict_pre_hook(capture),
+                   self.register_load_state_dict_post_hook(restore, prepend=True)]
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _restore_state(self, state_dict: dict[str, Any]) -> None:
+        """Per-parameter state from ``state_dict`` (ids as saved), copied in :func:`state_dtype` precision,
+        and ``skipped_steps``."""
         skipped = torch.as_tensor(state_dict.get("skipped_steps", 0.0), dtype=torch.float32)
         self.skipped_steps = skipped.to(self.skipped_steps.device, copy=True)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
@@ -267,10 +331,16 @@ class Adai(Optimizer):
             if saved is None:
                 continue
             state = self.state[param]
-            state["step"] = int(saved["step"])
+            state["step"] = self._loaded_step(saved["step"])
             for key in _STATE_TENSORS:
                 state[key] = saved[key].to(device=param.device, dtype=state_dtype(param), copy=True)
         self.last_vbar = None
+        self._checked_betas = []
+
+    @staticmethod
+    def _loaded_step(saved: int | Tensor) -> int:
+        """The step counter in this optimizer's layout from a saved one (an int, or the reference's tensor)."""
+        return int(saved)
 
     def _init_state(self, param: Tensor) -> dict[str, Any]:
         state = self.state[param]
@@ -332,22 +402,26 @@ class Adai(Optimizer):
             torch._foreach_add_(steps, 1.0)
         return counters
 
-    def _found_inf(self, works: list[_GroupWork]) -> Tensor:
-        """1.0 when any gradient of this step is non-finite (0-dim float32, device-side), agreed by all ranks
-        that share ``vbar`` (each holds only its part of the gradients when they are sharded)."""
+    def _reduces(self) -> bool:
+        """Whether ``vbar`` (and the non-finite verdict) is reduced over :attr:`process_group` this step:
+        whenever it has several ranks, unless ``sharding="replicated"``. Asked before anything changes,
+        so a layout that ``sharding="auto"`` refuses leaves the optimizer as it was."""
+        params = (p for group in self.param_groups for p in group["params"])
+        return distributed.needs_reduction(self.sharding, params, self.process_group)
+
+    def _found_inf(self, works: list[_GroupWork], device: torch.device, reduce: bool) -> Tensor:
+        """1.0 when any gradient of this step is non-finite (0-dim float32 on ``device``), agreed by all ranks
+        that share ``vbar`` (each holds only its part of the gradients when they are sharded; a rank with
+        none joins with 0)."""
         grads = [grad for work in works for grad in work.grads]
-        found_inf = F.nonfinite_flag(grads, grads[0].device)
-        if distributed.needs_reduction(self.sharding, (p for group in self.param_groups for p in group["params"])):
+        found_inf = F.nonfinite_flag(grads, device)
+        if reduce:
             dist.all_reduce(found_inf, op=dist.ReduceOp.MAX, group=self.process_group)
         return found_inf
 
-    def _global_mean(self, total: Tensor, count: int) -> Tensor:
-        """``vbar`` from this rank's sum of vhat and element count (DTensors: their local shards).
-
-        Reduced over :attr:`process_group` when this rank holds only part of the model (see ``sharding``).
-        """
-        params = (p for group in self.param_groups for p in group["params"])
-        if distributed.needs_reduction(self.sharding, params):
+    def _global_mean(self, total: Tensor, count: int, reduce: bool) -> Tensor:
+        """``vbar`` from this rank's sum of vhat and element count (DTensors: their local shards)."""
+        if reduce:
             return distributed.global_mean(total, count, self.process_group)
         return F.safe_mean(total, count)
 
@@ -362,19 +436,22 @@ class Adai(Optimizer):
         # Every check that can refuse the step (sparse gradients, a path that cannot run) comes before
         # the first change, so a refused step leaves the optimizer as it was.
         works = [work for work in map(self._gather, self.param_groups) if work.params]
-        if not works:
-            if self.sharding == "partitioned":  # the other ranks wait for this rank's share of vbar
-                anchor = self.param_groups[0]["params"][0]
-                self._global_mean(anchor.new_zeros((), dtype=state_dtype(anchor)), 0)
+        reduce = self._reduces()
+        if not works:  # still join the other ranks' reductions (verdict, vbar), if there are any
+            anchor = self.param_groups[0]["params"][0]
+            if self.skip_nonfinite and reduce:
+                self._found_inf([], anchor.device, reduce)
+            self._global_mean(anchor.new_zeros((), dtype=state_dtype(anchor)), 0, reduce)
             return loss
         plan = [(work, indices, passes) for work in works for indices, passes in work.buckets()]
         # skip_nonfinite: the eager paths write v (and decay p) in pass 1, so they need the verdict
         # first, from a separate read of the gradients; when every bucket's pass 1 writes nothing
-        # (native kernel), the pass-1 sums themselves are the check (a NaN or inf gradient makes
-        # them non-finite), at no cost, and the all-reduced vbar carries it to every rank.
+        # (native kernel) in a single process, the pass-1 sums themselves are the check (a NaN or inf
+        # gradient makes them non-finite), at no cost. Across ranks the verdict is always reduced
+        # first, so that every rank (one without gradients, one on another path) joins the same collectives.
         found_inf = None
-        if self.skip_nonfinite and any(passes[0] in _WRITING_PASS1 for _, _, passes in plan):
-            found_inf = self._found_inf(works)
+        if self.skip_nonfinite and (reduce or any(passes[0] in _WRITING_PASS1 for _, _, passes in plan)):
+            found_inf = self._found_inf(works, works[0].grads[0].device, reduce)
         counters = self._count_steps(works)
 
         def guard(device: torch.device) -> dict[str, Tensor]:
@@ -387,7 +464,7 @@ class Adai(Optimizer):
         acc_dtype = torch.float64 if any(s.dtype == torch.float64 for s in sums) else torch.float32
         total = torch.stack([s.to(device=sums[0].device, dtype=acc_dtype) for s in sums]).sum()
         count = sum(p.numel() for work in works for p in work.params)
-        vbar = self._global_mean(total, count)
+        vbar = self._global_mean(total, count, reduce)
         if self.skip_nonfinite:
             if found_inf is None:
                 found_inf = 1.0 - torch.isfinite(vbar).float()

@@ -1,22 +1,28 @@
 """Adai's one global scalar, ``vbar``, when the model is spread over several processes.
 
 Adai's inertia depends on ``vbar``, the mean of ``vhat`` over EVERY element of the model. Where each
-rank holds the whole model (single process, DDP) the local mean is already the global one. Where each
-rank holds only part of it (ZeRO's optimizer-state partitions, FSDP2's DTensor shards) the local mean
-is another number on every rank, and the algorithm silently changes. This module turns the local
+rank holds only part of the model (ZeRO's optimizer-state partitions, FSDP2's DTensor shards) a local
+mean is another number on every rank, and the algorithm silently changes. This module turns the local
 ``(sum of vhat, element count)`` pair into the global mean with ONE all-reduce of a two-element float64
-tensor per optimizer step: 16 bytes per rank, asynchronous on the device, no host synchronisation.
+tensor per optimizer step: 16 bytes per rank, issued on the device, no host synchronisation.
+
+Whenever torch.distributed is initialised with more than one rank, the default reduces: replicated
+ranks (DDP) then contribute W identical sums and W identical counts, so their mean is unchanged, and
+disjoint shards (ZeRO, FSDP2) or hybrid layouts add up to the whole model. So every layout is right
+with no flag; the price under DDP is that 16-byte all-reduce (measured in docs/distributed.md).
 
 Sharding modes (the ``sharding`` argument of :class:`~adai_lightning.optim.Adai`):
 
-``"auto"``
-    reduce over ranks when any parameter is a DTensor (FSDP2 ``fully_shard``, tensor parallel);
-    otherwise do nothing (single process, DDP: every rank holds every element).
+``"auto"`` (default)
+    reduce over ``process_group`` whenever it has more than one rank. Refuses DTensor parameters
+    replicated on unequal numbers of ranks (or mixed with plain tensors), whose mean would be weighted
+    unevenly.
 ``"partitioned"``
-    this optimizer holds a disjoint part of the model's parameters on each rank of the process group
-    (``ZeroRedundancyOptimizer(..., optimizer_class=Adai, sharding="partitioned")``): always reduce.
+    reduce over ``process_group`` without the layout check (the caller vouches that every element is
+    counted the same number of times).
 ``"replicated"``
-    never communicate: every rank holds all parameters (or each rank trains its own model).
+    never communicate: every rank holds all parameters (DDP; saves the all-reduce) or each rank trains
+    its own model. Wrong under ZeRO or FSDP2.
 
 Pure torch.distributed: no Lightning import.
 """
@@ -36,14 +42,6 @@ try:  # DTensor is public from torch 2.4 on; older builds simply have no FSDP2
     from torch.distributed.tensor import DTensor
 except ImportError:  # pragma: no cover - exercised only on torch builds without distributed
     DTensor = None
-
-SHARDING_MODES = ("auto", "partitioned", "replicated")
-
-
-def validate_sharding(sharding: str) -> None:
-    """Raise a ValueError naming ``sharding`` unless it is one of :data:`SHARDING_MODES`."""
-    if sharding not in SHARDING_MODES:
-        raise ValueError(f"Invalid sharding: {sharding!r}; it must be one of {', '.join(SHARDING_MODES)}")
 
 
 def is_dtensor(tensor: Tensor) -> bool:
@@ -75,24 +73,32 @@ def replication(param: Tensor) -> int:
     return math.prod(mesh.size(dim) for dim, placement in enumerate(param.placements) if not placement.is_shard())
 
 
-def needs_reduction(sharding: str, params: Iterable[Tensor]) -> bool:
-    """Whether ``vbar`` must be reduced over ranks for these parameters in this sharding mode."""
+def needs_reduction(
+    sharding: str, params: Iterable[Tensor], process_group: dist.ProcessGroup | None = None
+) -> bool:
+    """Whether ``vbar`` must be reduced over ``process_group`` for these parameters in this sharding mode."""
     if sharding == "replicated" or not (dist.is_available() and dist.is_initialized()):
         return False
-    if sharding == "partitioned":
-        return True
-    params = list(params)
+    if dist.get_world_size(process_group) <= 1:
+        return False
+    if sharding == "auto":
+        check_uniform_replication(list(params))
+    return True
+
+
+def check_uniform_replication(params: list[Tensor]) -> None:
+    """Refuse layouts in which the elements would be counted unequally often in the reduced mean."""
     dtensors = [p for p in params if is_dtensor(p)]
     if not dtensors:
-        return False
+        return
     copies = {replication(p) for p in dtensors}
     if len(copies) > 1 or len(dtensors) != len(params):
         raise ValueError(
             "Adai's sharding='auto' needs every parameter to be a DTensor replicated on the same number of "
-            f"ranks (found replication factors {sorted(copies)} and "
-            f"{len(dtensors)} DTensor parameters); mixed placements would weight the mean of vhat unevenly"
+            f"ranks, or none to be one (found replication factors {sorted(copies)} and "
+            f"{len(dtensors)} DTensor parameters of {len(params)}); mixed placements would weight the mean of "
+            "vhat unevenly"
         )
-    return True
 
 
 def global_mean(total: Tensor, count: int, process_group: dist.ProcessGroup | None) -> Tensor:
