@@ -139,6 +139,19 @@ def test_all_zero_gradients_give_no_nan(foreach: bool) -> None:
     assert torch.allclose(beta1, torch.full_like(beta1, 1 - 1e-3))
 
 
+@pytest.mark.parametrize("fused", [False, None], ids=["eager", "default"])
+def test_only_empty_parameters_with_gradients_give_a_finite_vbar(fused: bool | None) -> None:
+    """0 elements in the mean (0 / 0) is the all-zero case, not a non-finite state."""
+    empty, other = torch.nn.Parameter(torch.randn(0)), torch.nn.Parameter(torch.randn(3))
+    opt = Adai([empty, other], fused=fused)
+    empty.grad, other.grad = torch.zeros(0), torch.ones(3)
+    opt.step()
+    other.grad = None
+    opt.step()
+    assert opt.last_vbar.item() == 1.0
+    assert torch.isfinite(other).all()
+
+
 def test_sparse_gradients_are_rejected() -> None:
     emb = torch.nn.Embedding(10, 3, sparse=True)
     opt = Adai(emb.parameters())

@@ -98,7 +98,7 @@ def test_fused_matches_oracle(small_thresholds, dtype, rtol):
 
 def test_invalid_fused_arguments_name_the_argument():
     param = torch.zeros(3, requires_grad=True)
-    with pytest.raises(ValueError, match="fused"):
+    with pytest.raises(TypeError, match="fused"):
         Adai([param], fused="yes")
     with pytest.raises(ValueError, match="fused=True with foreach=True"):
         AdaiW([param], fused=True, foreach=True)
