@@ -239,9 +239,9 @@ class SaddleEscapeMonitor(ProbedCallback):
             momentum = self._momentum(trainer, params)
             if momentum is not None:
                 metrics["saddle/momentum_drift"] = _cosine(-momentum, direction)
-            if self._params_before is not None:
-                update = flatten([p.detach() for p in params]) - self._params_before
-                metrics["saddle/update_drift"] = _cosine(update, direction)
+            after = flatten([p.detach() for p in params])
+            if self._params_before is not None and self._params_before.shape == after.shape:  # not if toggled
+                metrics["saddle/update_drift"] = _cosine(after - self._params_before, direction)
         self._grad_norm = self._params_before = None
         log_scalars(trainer, metrics)
 
