@@ -19,7 +19,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel, ManualOptimBorin
 from lightning.pytorch.utilities import CombinedLoader
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from adai_lightning import Adai
 from adai_lightning.callbacks import HessianSharpness, InertiaMonitor, SaddleEscapeMonitor
@@ -263,6 +263,20 @@ def test_dict_of_loaders_combined_loader(tmp_path):
     watched = check(TwoLoaderClassifier, loaders, tmp_path)
     records = watched[0].callbacks[0].probe.records
     assert records["a"].indices == choose_indices(48, 16, 0) == records["b"].indices
+
+
+class Stream(IterableDataset):
+    """An iterable dataset: the probe takes the first items of a fresh iterator of its own."""
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(48):
+            yield torch.randn(6, generator=generator), torch.randint(0, 3, (), generator=generator)
+
+
+def test_iterable_dataset(tmp_path):
+    watched = check(MetricClassifier, lambda: DataLoader(Stream(), batch_size=8), tmp_path)
+    assert watched[0].callbacks[0].probe.records[""].first_items == 16
 
 
 def test_scaled_dot_product_attention_runs_on_the_math_backend(tmp_path):

@@ -126,3 +126,25 @@ def test_the_subset_survives_a_checkpoint_and_gives_the_same_lambda_max_after_re
     _fit(tmp_path / "resumed", resumed, ckpt_path=checkpoint, extra=[MeasureAtResume()])
     assert resumed.probe.records[""].indices == state["probe"]["subset"][""]["indices"]
     assert at_resume["sharpness/lambda_max"] == uninterrupted[3]
+
+
+@pytest.mark.parametrize("mode,expected", [("max_size_cycle", [(0, 0), (1, 1), (2, 0)]),
+                                           ("min_size", [(0, 0), (1, 1)]), ("max_size", [(0, 0), (1, 1), (2, None)])])
+def test_a_dict_of_loaders_is_combined_as_the_combined_loader_mode_does(mode, expected):
+    """12 samples per loader: 3 batches of 4 from "a", 2 batches (6 + 6) from "b"."""
+    loaders = {"a": DataLoader(data(20, seed=1), batch_size=4), "b": DataLoader(data(30, seed=2), batch_size=6)}
+    batches, records = _probe_subset.evaluation_batches(loaders, mode, 12, 0, None, from_trainer=True)
+    assert [len(records[k].indices) for k in "ab"] == [12, 12]
+    a, b = (loaders[k].dataset for k in "ab")
+    for batch, (i, j) in zip(batches, expected, strict=True):
+        torch.testing.assert_close(batch.data["a"][0], a[records["a"].indices[4 * i:4 * i + 4]][0])
+        if j is None:
+            assert batch.data["b"] is None
+        else:
+            torch.testing.assert_close(batch.data["b"][0], b[records["b"].indices[6 * j:6 * j + 6]][0])
+    assert sum(batch.weight for batch in batches) == pytest.approx(1.0)
+
+
+def test_a_train_loader_that_is_not_a_dataloader_is_refused_with_the_fix():
+    with pytest.raises(_probe_subset.ProbeError, match="pass dataloader="):
+        _probe_subset.evaluation_batches([[torch.zeros(2)]], "max_size_cycle", 4, 0, None, from_trainer=True)

@@ -149,13 +149,9 @@ class HessianProbe:
                                                    from_trainer)
         rank, world_size = _rank_and_world()
         strategy = trainer.strategy if trainer is not None else None
-        moved = []
-        for batch in batches[rank::world_size]:
-            idx = batch.dataloader_idx or 0
-            data = strategy.batch_to_device(batch.data, dataloader_idx=idx) if strategy is not None \
-                else move_data_to_device(batch.data, module.device)
-            moved.append(batch._replace(data=data))
-        return moved
+        move = strategy.batch_to_device if strategy is not None else \
+            (lambda data: move_data_to_device(data, module.device))
+        return [batch._replace(data=move(batch.data)) for batch in batches[rank::world_size]]
 
     def expected_batches(self, trainer: pl.Trainer) -> int:
         """Batches of the subset this rank evaluates (before it is taken: from the loaders' batch sizes)."""
@@ -171,7 +167,7 @@ class HessianProbe:
         _seed_all(self.seed, module.device)
         if self.loss_fn is not None:
             return self.loss_fn(module, batch.data)
-        return step_loss(module, batch.data, batch.dataloader_idx, self._recorder)
+        return step_loss(module, batch.data, self._recorder)
 
     def _operator(self, module: pl.LightningModule) -> HessianOperator:
         reduce = _sum_across_ranks if _rank_and_world()[1] > 1 else None

@@ -200,16 +200,14 @@ def isolated(module: torch.nn.Module, train_mode: bool, recorder: StepRecorder) 
         yield
 
 
-def step_loss(module: Any, batch: Any, dataloader_idx: int | None, recorder: StepRecorder) -> Tensor:
+def step_loss(module: Any, batch: Any, recorder: StepRecorder) -> Tensor:
     """The loss of ``training_step`` on ``batch`` (``batch_idx=0``), called with the arguments its
     signature takes. Under manual optimization it is the loss given to ``manual_backward``."""
     step = getattr(module, "_compiler_ctx", None) or {}
     step = step.get("original_training_step", module.training_step)
     args: list[Any] = [batch]
-    if is_param_in_hook_signature(step, "batch_idx", min_args=2):
+    if is_param_in_hook_signature(step, "batch_idx", min_args=2):  # as Lightning's training loop decides
         args.append(0)
-        if dataloader_idx is not None and is_param_in_hook_signature(step, "dataloader_idx", min_args=3):
-            args.append(dataloader_idx)
     recorder.losses = []
     output = step(*args)
     if len(recorder.losses) > 1:
