@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import random
 import sys
 from typing import Any, Iterator
@@ -43,9 +42,9 @@ def _nothing(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-@functools.cache
 def _inert_class(cls: type) -> type:
-    """A subclass of ``cls`` whose ``step`` and ``zero_grad`` do nothing (``step(closure)`` runs the closure)."""
+    """A subclass of ``cls`` whose ``step`` and ``zero_grad`` do nothing (``step(closure)`` runs the closure).
+    Not cached: Lightning makes a class per optimizer instance, and a cache would keep them all alive."""
     return type(f"Inert{cls.__name__}", (cls,), {"step": _inert_step, "zero_grad": _nothing, "__del__": _nothing})
 
 
