@@ -14,8 +14,9 @@
 - the global RNGs (torch CPU and CUDA, Python's ``random``, NumPy's) are restored;
 - every module's train/eval flag and every buffer (BatchNorm running statistics) are restored;
 - ``scaled_dot_product_attention`` runs its math backend (the fused kernels have no double
-  backward), and ``torch.compile``'d code runs eagerly (``torch.compiler.set_stance("force_eager")``:
-  compiled modules run their ``_orig_mod``; aot_autograd has no double backward).
+  backward), and ``torch.compile``'d code runs eagerly (compiled modules run their ``_orig_mod``,
+  and ``torch.compiler.set_stance("force_eager")`` where available; aot_autograd has no double
+  backward).
 
 :func:`step_loss` calls ``training_step`` with the arguments its signature takes, as Lightning does.
 """
@@ -171,12 +172,22 @@ def _modes_and_buffers_kept(module: torch.nn.Module) -> Iterator[None]:
                 buffer.copy_(saved)
 
 
-def _twice_differentiable() -> contextlib.ExitStack:
-    """Math SDPA backend and eager execution of compiled code, for double backward."""
-    stack = contextlib.ExitStack()
+def _twice_differentiable(module: torch.nn.Module) -> contextlib.ExitStack:
+    """Math SDPA backend, and compiled code run eagerly: every ``torch.compile``'d submodule
+    (``OptimizedModule``) calls its ``_orig_mod``, ``nn.Module.compile()`` is bypassed, and (torch
+    >= 2.6) ``set_stance("force_eager")`` covers compiled functions too."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    stack = contextlib.ExitStack()
     stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-    stack.enter_context(torch.compiler.set_stance("force_eager"))
+    for submodule in module.modules():
+        original = getattr(submodule, "_orig_mod", None)
+        if isinstance(original, torch.nn.Module):
+            stack.enter_context(_shadowed(submodule, {"forward": original.__call__}))
+        if getattr(submodule, "_compiled_call_impl", None) is not None:
+            stack.enter_context(_shadowed(submodule, {"_compiled_call_impl": None}))
+    if hasattr(torch.compiler, "set_stance"):
+        stack.enter_context(torch.compiler.set_stance("force_eager"))
     return stack
 
 
@@ -192,7 +203,7 @@ def isolated(module: torch.nn.Module, train_mode: bool, recorder: StepRecorder) 
         stack.enter_context(_modes_and_buffers_kept(module))
         stack.enter_context(_metrics_kept(module))
         stack.enter_context(_shadowed(module, _module_shadows(module, recorder)))
-        stack.enter_context(_twice_differentiable())
+        stack.enter_context(_twice_differentiable(module))
         stack.enter_context(torch.enable_grad())
         if not train_mode:
             module.eval()
