@@ -77,6 +77,8 @@ def assert_same_training(first, second):
     assert state_a.keys() == state_b.keys()
     for key in state_a:
         assert torch.equal(state_a[key], state_b[key]), key
+    for (name, a), b in zip(module_a.named_parameters(), module_b.parameters(), strict=True):  # .grad untouched
+        assert (a.grad is None and b.grad is None) or torch.equal(a.grad, b.grad), name
     assert len(trainer_a.optimizers) == len(trainer_b.optimizers)
     for opt_a, opt_b in zip(trainer_a.optimizers, trainer_b.optimizers):
         sa, sb = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
@@ -119,6 +121,9 @@ class MetricClassifier(pl.LightningModule):
         self.train_acc = torchmetrics.classification.MulticlassAccuracy(num_classes=3)
         self.train_loss = torchmetrics.MeanMetric()
         self.all_logits = torchmetrics.CatMetric()  # a list state
+        self.scores = torchmetrics.MetricCollection({  # precision and recall share one compute group
+            "precision": torchmetrics.classification.MulticlassPrecision(num_classes=3),
+            "recall": torchmetrics.classification.MulticlassRecall(num_classes=3)}, prefix="train/")
 
     def training_step(self, batch, batch_idx):
         inputs, targets = batch
@@ -127,6 +132,7 @@ class MetricClassifier(pl.LightningModule):
         self.train_loss(loss)
         self.train_acc(logits.argmax(1), targets)
         self.all_logits.update(logits.detach())
+        self.log_dict(self.scores(logits, targets), on_step=True)
         self.log("train/loss", self.train_loss, on_step=True, on_epoch=True)
         self.log("train/acc", self.train_acc, on_step=True, on_epoch=True)
         return loss

@@ -8,9 +8,10 @@
   records the loss without a backward, and ``toggle_optimizer`` / ``untoggle_optimizer`` /
   ``toggled_optimizer`` / ``clip_gradients`` do nothing: no optimizer step, no ``.grad`` change,
   no ``requires_grad`` change, whatever the optimization style;
-- every torchmetrics ``Metric`` among the module's submodules keeps its state: the values of its
-  state tensors and lists and its bookkeeping (``update_count``, cached results) are restored in
-  place, so shared states (``MetricCollection`` compute groups) stay shared;
+- every torchmetrics ``Metric`` (and ``MetricCollection``) among the module's submodules keeps its
+  state: the values of its state tensors and lists and its bookkeeping (``update_count``, cached
+  results, compute-group flags) are restored in place, so shared states (``MetricCollection``
+  compute groups) stay shared;
 - the global RNGs (torch CPU and CUDA, Python's ``random``, NumPy's) are restored;
 - every module's train/eval flag and every buffer (BatchNorm running statistics) are restored;
 - ``scaled_dot_product_attention`` runs its math backend (the fused kernels have no double
@@ -132,11 +133,12 @@ def _metric_restore(metric: Any, attributes: dict[str, Any], contents: dict[str,
 @contextlib.contextmanager
 def _metrics_kept(module: torch.nn.Module) -> Iterator[None]:
     try:
-        from torchmetrics import Metric
+        from torchmetrics import Metric, MetricCollection
     except ImportError:  # no torchmetrics, no metric to keep
         yield
         return
-    snapshots = [(m, *_metric_snapshot(m)) for m in module.modules() if isinstance(m, Metric)]
+    kept = (Metric, MetricCollection)  # a collection's own flags (compute groups, state copies) too
+    snapshots = [(m, *_metric_snapshot(m)) for m in module.modules() if isinstance(m, kept)]
     try:
         yield
     finally:
