@@ -59,15 +59,19 @@ def exact_hessian(module, batches, train):
     return torch.autograd.functional.hessian(loss, flatten(params))
 
 
-@pytest.mark.parametrize("train_mode", [True, False])
-def test_probe_hessian_equals_the_exact_hessian_in_float64(train_mode):
+@pytest.mark.parametrize("train_mode,keep_graphs", [(True, None), (False, None), (True, True)])
+def test_probe_hessian_equals_the_exact_hessian_in_float64(train_mode, keep_graphs):
     """Default train mode: BatchNorm normalises each subset batch with its own statistics, the
-    objective training optimizes; 10 samples in batches of 4, 4 and 2 weigh 0.4, 0.4 and 0.2."""
+    objective training optimizes; 10 samples in batches of 4, 4 and 2 weigh 0.4, 0.4 and 0.2.
+    ``keep_graphs=True`` builds each batch's first-order graph once for all products."""
     module = BatchNormNet(torch.float64).train()
     dataset = data(20, torch.float64)
-    probe = HessianProbe("test", 10, DataLoader(dataset, batch_size=4), None, train_mode, "raise", seed=1)
+    probe = HessianProbe("test", 10, DataLoader(dataset, batch_size=4), None, train_mode, "raise", seed=1,
+                         keep_graphs=keep_graphs)
     running = [b.clone() for b in module.buffers()]
-    dense = probe.run(None, module, dense_hessian)
+    operators = []
+    dense = probe.run(None, module, lambda operator: operators.append(operator) or dense_hessian(operator))
+    assert operators[0].num_graph_builds == (3 if keep_graphs else 3 * operators[0].dim)
     assert all(torch.equal(a, b) for a, b in zip(running, module.buffers())) and module.training
     indices = probe.records[""].indices
     assert indices == choose_indices(20, 10, 1) and len(set(indices)) == 10
