@@ -350,3 +350,20 @@ def test_without_double_backward_the_message_names_the_cause_and_the_fix(tmp_pat
         fit(Module, shuffled_loader, [HessianSharpness(every_n_train_steps=2, num_samples=16)], tmp_path)
     (message,) = [str(w.message) for w in record if "disabled itself" in str(w.message)]
     assert "refusing_backward" in message and "no second derivative" in message and "loss_fn" in message
+
+
+@pytest.mark.slow
+def test_lightning_transformer_demo(tmp_path):
+    """Lightning's Transformer demo (nn.Transformer: attention through scaled_dot_product_attention),
+    on random tokens instead of its WikiText-2 download."""
+    from lightning.pytorch.demos.transformer import LightningTransformer
+
+    class Offline(LightningTransformer):
+        def prepare_data(self):
+            pass
+
+    def loader():
+        tokens = torch.randint(0, 33, (48, 12), generator=torch.Generator().manual_seed(0))
+        return DataLoader(TensorDataset(tokens, tokens.roll(1, 1)), batch_size=8, shuffle=True)
+
+    check(lambda: Offline(vocab_size=33), loader, tmp_path)
