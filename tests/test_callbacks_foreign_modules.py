@@ -300,6 +300,11 @@ def test_a_compiled_submodule_runs_eagerly_in_the_probe(tmp_path):
     check(compiled_classifier("aot_eager"), shuffled_loader, tmp_path)
 
 
+def test_a_lightning_module_compiled_whole_runs_its_original_training_step(tmp_path):
+    """``trainer.fit(torch.compile(module))``: Lightning compiles training_step and forward."""
+    check(lambda: torch.compile(BoringModel(), backend="aot_eager"), BoringModel().train_dataloader, tmp_path)
+
+
 @pytest.mark.slow
 def test_an_inductor_compiled_submodule_runs_eagerly_in_the_probe(tmp_path):
     check(compiled_classifier("inductor"), shuffled_loader, tmp_path)

@@ -174,23 +174,24 @@ def _modes_and_buffers_kept(module: torch.nn.Module) -> Iterator[None]:
                 buffer.copy_(saved)
 
 
-def _twice_differentiable(module: torch.nn.Module) -> contextlib.ExitStack:
+@contextlib.contextmanager
+def _twice_differentiable(module: torch.nn.Module) -> Iterator[None]:
     """Math SDPA backend, and compiled code run eagerly: every ``torch.compile``'d submodule
     (``OptimizedModule``) calls its ``_orig_mod``, ``nn.Module.compile()`` is bypassed, and (torch
     >= 2.6) ``set_stance("force_eager")`` covers compiled functions too."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    stack = contextlib.ExitStack()
-    stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-    for submodule in module.modules():
-        original = getattr(submodule, "_orig_mod", None)
-        if isinstance(original, torch.nn.Module):
-            stack.enter_context(_shadowed(submodule, {"forward": original.__call__}))
-        if getattr(submodule, "_compiled_call_impl", None) is not None:
-            stack.enter_context(_shadowed(submodule, {"_compiled_call_impl": None}))
-    if hasattr(torch.compiler, "set_stance"):
-        stack.enter_context(torch.compiler.set_stance("force_eager"))
-    return stack
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        for submodule in module.modules():
+            original = getattr(submodule, "_orig_mod", None)
+            if isinstance(original, torch.nn.Module):
+                stack.enter_context(_shadowed(submodule, {"forward": original.__call__}))
+            if getattr(submodule, "_compiled_call_impl", None) is not None:
+                stack.enter_context(_shadowed(submodule, {"_compiled_call_impl": None}))
+        if hasattr(torch.compiler, "set_stance"):
+            stack.enter_context(torch.compiler.set_stance("force_eager"))
+        yield
 
 
 @contextlib.contextmanager
@@ -215,8 +216,8 @@ def isolated(module: torch.nn.Module, train_mode: bool, recorder: StepRecorder) 
 def step_loss(module: Any, batch: Any, recorder: StepRecorder) -> Tensor:
     """The loss of ``training_step`` on ``batch`` (``batch_idx=0``), called with the arguments its
     signature takes. Under manual optimization it is the loss given to ``manual_backward``."""
-    step = getattr(module, "_compiler_ctx", None) or {}
-    step = step.get("original_training_step", module.training_step)
+    compiled = getattr(module, "_compiler_ctx", None) or {}  # a LightningModule compiled through Lightning
+    step = compiled.get("original_training_step", module.training_step)
     args: list[Any] = [batch]
     if is_param_in_hook_signature(step, "batch_idx", min_args=2):  # as Lightning's training loop decides
         args.append(0)
