@@ -1,15 +1,92 @@
-"""A data module base for recipes whose data comes as named splits (train / val / test datasets)."""
+"""A data module base for recipes whose data comes as named splits (train / val / test datasets).
+
+The training loader is resumable mid-epoch and its order is reproducible: a torchdata
+``StatefulDataLoader`` (Lightning saves its ``state_dict`` in every checkpoint and restores it on
+resume) over an :class:`EpochShuffleSampler`, whose order depends only on a seed and the epoch,
+never on the global RNG (which Lightning does not restore). A run killed at any step and resumed
+from its checkpoint sees exactly the batches the uninterrupted run saw.
+"""
 
 from __future__ import annotations
 
+import os
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
 import lightning.pytorch as pl
-from torch.utils.data import DataLoader, Dataset
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+
+class _ShuffleIterator:
+    """One epoch of an :class:`EpochShuffleSampler`: its order and how far it got (a torchdata ``Stateful``)."""
+
+    def __init__(self, sampler: EpochShuffleSampler, epoch: int, position: int = 0) -> None:
+        self.sampler = sampler
+        self.load_state_dict({"epoch": epoch, "position": position})
+
+    def __iter__(self) -> _ShuffleIterator:
+        return self
+
+    def __next__(self) -> int:
+        if self.position >= len(self.order):
+            raise StopIteration
+        self.position += 1
+        return self.order[self.position - 1]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.order = self.sampler.order(self.epoch)
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A random permutation of ``range(size)`` drawn from ``(seed, epoch)`` alone.
+
+    Lightning calls ``set_epoch`` at the start of every epoch (as for ``DistributedSampler``). Each
+    iterator remembers its epoch and position, and torchdata's ``StatefulDataLoader`` saves and
+    restores them, so a resumed run continues the same epoch's order at the same sample.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise ValueError(f"Invalid shuffle seed: {seed!r}; it must be an integer in [0, 2**32)")
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self, epoch: int) -> list[int]:
+        """The permutation of ``epoch``: a generator seeded with ``seed`` and ``epoch`` in separate bits."""
+        generator = torch.Generator().manual_seed((self.seed << 32) | (epoch % 2**32))
+        return torch.randperm(self.size, generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return _ShuffleIterator(self, self.epoch)
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def run_seed() -> int:
+    """The run's seed: ``seed_everything``'s value (``PL_GLOBAL_SEED``), 0 when none was set."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0)) % 2**32
 
 
 class SplitDataModule(pl.LightningDataModule):
-    """Serves ``self.splits["train" | "val" | "test"]`` (filled by a subclass's ``setup``) as loaders."""
+    """Serves ``self.splits["train" | "val" | "test"]`` (filled by a subclass's ``setup``) as loaders.
 
-    def __init__(self, batch_size: int, num_workers: int) -> None:
+    ``shuffle_seed`` fixes the training order (``None``: the run's ``seed_everything`` value, so that
+    runs with different seeds also see different orders).
+    """
+
+    def __init__(self, batch_size: int, num_workers: int, shuffle_seed: int | None = None) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"Invalid batch_size: {batch_size}; it must be >= 1")
@@ -17,17 +94,22 @@ class SplitDataModule(pl.LightningDataModule):
             raise ValueError(f"Invalid num_workers: {num_workers}; it must be >= 0")
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.shuffle_seed = shuffle_seed
         self.splits: dict[str, Dataset] = {}
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.splits[split], batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+    def _loader_kwargs(self) -> dict[str, Any]:
+        return dict(batch_size=self.batch_size, num_workers=self.num_workers,
+                    persistent_workers=self.num_workers > 0)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+    def train_dataloader(self) -> StatefulDataLoader:
+        train = self.splits["train"]
+        seed = run_seed() if self.shuffle_seed is None else self.shuffle_seed
+        with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in torch 2.14
+            warnings.filterwarnings("ignore", message=".*set_vital.*is deprecated")
+            return StatefulDataLoader(train, sampler=EpochShuffleSampler(len(train), seed), **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return DataLoader(self.splits["val"], shuffle=False, **self._loader_kwargs())
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return DataLoader(self.splits["test"], shuffle=False, **self._loader_kwargs())

@@ -1,0 +1,234 @@
+"""Kill -9 anywhere, resume exactly (issue 14 item 4).
+
+A real ``adai-lightning fit`` subprocess is killed by PID (SIGKILL) at chosen moments: inside a
+checkpoint write (its temporary file half written), or at a random delay after a periodic checkpoint
+(mid-epoch and at the epoch's last batch). ``adai-lightning fit ... --ckpt_path last`` then finishes
+the run, and its final weights, optimizer and scheduler state, callback states and the callbacks'
+logged series must be bitwise equal to an uninterrupted run's.
+
+The killed run writes its checkpoints with ``tests/slow_checkpoint_io.py`` (it sleeps halfway through
+each write) so that the test can catch the process inside a write. The Hessian callback is left out of
+these runs until its evaluation subset is saved in checkpoints (it re-collects it after a resume).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from recipe_helpers import RECIPES, ROOT, clean_env, runnable_recipe
+
+from adai_lightning.cli import main
+from adai_lightning.recipes.checkpointing import newest_first, newest_loadable
+from adai_lightning.report import Metrics
+
+EXCLUDED_CALLBACKS = ("adai_lightning.callbacks.HessianSharpness",)  # re-collects its batches on resume
+CALLBACK_KEYS = ("inertia/", "saddle/", "sharpness/")
+SLOW_IO = {"class_path": "slow_checkpoint_io.SlowAtomicCheckpointIO", "init_args": {"pause": 0.4}}
+
+
+def recipe_copy(name: str, folder: Path, slow_writes: bool = False, **overrides) -> Path:
+    """``recipes/<name>`` for a short CPU run into ``folder/run``: CSV log only, no test after fit."""
+    recipe = yaml.safe_load((RECIPES / name).read_text())
+    trainer = recipe["trainer"]
+    settings = {
+        "trainer.callbacks": [c for c in trainer["callbacks"] if c["class_path"] not in EXCLUDED_CALLBACKS],
+        "trainer.logger": [c for c in trainer["logger"] if c["class_path"].endswith("CSVLogger")],
+        "trainer.enable_progress_bar": False,
+        "test_after_fit": False,
+        **overrides,
+    }
+    if slow_writes:
+        settings["trainer.plugins"] = [SLOW_IO]
+    return runnable_recipe(name, folder, settings)
+
+
+def fit_in_process(config: Path, *extra: str) -> None:
+    main(["fit", "--config", str(config), *extra])
+
+
+def start_fit(config: Path, log: Path) -> subprocess.Popen:
+    """``adai-lightning fit --config config`` in a subprocess with this process's thread count (the
+    float reductions, hence the bits, depend on it)."""
+    env = clean_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), env["PYTHONPATH"]])
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+    with open(log, "w") as handle:
+        return subprocess.Popen([sys.executable, "-m", "adai_lightning", "fit", "--config", str(config)],
+                                cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
+
+
+def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], delay: float, log: Path, timeout: float = 240) -> None:
+    """SIGKILL ``proc`` by PID ``delay`` seconds after ``ready()`` first holds (polled every 5 ms)."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before its kill point:\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"kill point not reached in {timeout} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.005)
+    time.sleep(delay)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run finished before the kill"
+
+
+def files(folder: Path, pattern: str) -> list[Path]:
+    return list(folder.glob(pattern)) if folder.is_dir() else []
+
+
+def writing(folder: Path, name: str, after_step: int | None = None) -> Callable[[], bool]:
+    """Holds while the temporary file of checkpoint ``name`` exists (and, if given, the periodic
+    checkpoint of ``after_step`` is complete): the writer is inside that write."""
+    def ready() -> bool:
+        done = after_step is None or files(folder, f"*step={after_step}.ckpt")
+        return bool(done and files(folder, f".{name}.*.tmp"))
+    return ready
+
+
+def saved(folder: Path, step: int) -> Callable[[], bool]:
+    """Holds once the periodic checkpoint of ``step`` and ``last.ckpt`` after it are complete."""
+    def ready() -> bool:
+        return bool(files(folder, f"*step={step}.ckpt")) and not files(folder, ".*.tmp") and any(
+            p.stat().st_mtime_ns >= q.stat().st_mtime_ns
+            for p in files(folder, "last.ckpt") for q in files(folder, f"*step={step}.ckpt"))
+    return ready
+
+
+def max_deviation(a, b, where: str = "") -> float:
+    """The largest absolute difference between two nested checkpoint structures (0.0: bitwise equal for
+    every tensor and equal for every other value); ``inf`` for a structural or non-numeric mismatch."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape or a.dtype != b.dtype:
+            return math.inf
+        if torch.equal(a, b):
+            return 0.0
+        return (a.double() - b.double()).abs().nan_to_num(math.inf).max().item() or math.inf
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return math.inf
+        return max((max_deviation(a[k], b[k], f"{where}.{k}") for k in a), default=0.0)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return math.inf
+        return max((max_deviation(x, y, f"{where}[{i}]") for i, (x, y) in enumerate(zip(a, b))), default=0.0)
+    if isinstance(a, float) and isinstance(b, float):
+        return 0.0 if a == b or (math.isnan(a) and math.isnan(b)) else abs(a - b)
+    return 0.0 if a == b else math.inf
+
+
+def final_state(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+
+def callback_states(checkpoint: dict) -> dict:
+    """The monitoring callbacks' saved states (ModelCheckpoint's hold run-specific paths)."""
+    return {k: v for k, v in checkpoint["callbacks"].items() if "Checkpoint" not in k}
+
+
+def logged_series(run: Path) -> Metrics:
+    """The callbacks' series of the newest fit's CSV log (after a resume: the resumed part)."""
+    (path,) = sorted((run / "csv").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:]))[-1:]
+    return Metrics.read([path])
+
+
+def series_deviation(reference: Metrics, resumed: Metrics) -> tuple[float, int]:
+    """Max deviation of the resumed run's callback series from the reference's at the same steps, and the
+    number of values compared. Every resumed value must have its reference twin."""
+    worst, compared = 0.0, 0
+    for key, points in resumed.series.items():
+        if not key.startswith(CALLBACK_KEYS):
+            continue
+        first = points[0][0]
+        expected = [p for p in reference.series.get(key, []) if p[0] >= first]
+        if [s for s, _ in expected] != [s for s, _ in points]:
+            return math.inf, compared
+        worst = max(worst, max_deviation([v for _, v in expected], [v for _, v in points]))
+        compared += len(points)
+    return worst, compared
+
+
+def compare_runs(reference: Path, resumed: Path) -> dict[str, float]:
+    ref, res = final_state(reference), final_state(resumed)
+    assert ref["global_step"] == res["global_step"] and ref["epoch"] == res["epoch"]
+    series, compared = series_deviation(logged_series(reference), logged_series(resumed))
+    assert compared > 0, "the resumed run logged no callback series"
+    return {
+        "weights": max_deviation(ref["state_dict"], res["state_dict"]),
+        "optimizer": max_deviation(ref["optimizer_states"], res["optimizer_states"]),
+        "lr_scheduler": max_deviation(ref["lr_schedulers"], res["lr_schedulers"]),
+        "callback_states": max_deviation(callback_states(ref), callback_states(res)),
+        "callback_series": series,
+        "series_values": compared,
+    }
+
+
+def resume_step(run: Path) -> int:
+    """The global step ``--ckpt_path last`` resumes from (0: no loadable checkpoint yet)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = newest_loadable(newest_first([run / "checkpoints"]), lambda p: torch.load(p, weights_only=False))
+    return 0 if path is None else torch.load(path, weights_only=False)["global_step"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted run: default recipe, 2 epochs of 20 steps, a checkpoint every 10 steps."""
+    folder = tmp_path_factory.mktemp("reference")
+    fit_in_process(recipe_copy("default.yaml", folder, **{"trainer.max_epochs": 2}))
+    return folder / "run"
+
+
+def kill_and_resume(reference: Path, folder: Path, kill_point: Callable[[Path], Callable[[], bool]],
+                    delay: float = 0.0) -> tuple[int, dict[str, float]]:
+    config = recipe_copy("default.yaml", folder, slow_writes=True, **{"trainer.max_epochs": 2})
+    run = folder / "run"
+    kill_when(start_fit(config, folder / "killed.log"), kill_point(run / "checkpoints"), delay, folder / "killed.log")
+    step = resume_step(run)
+    fit_in_process(recipe_copy("default.yaml", folder, **{"trainer.max_epochs": 2}), "--ckpt_path", "last")
+    return step, compare_runs(reference, run)
+
+
+def assert_bitwise(step: int, deviations: dict[str, float]) -> None:
+    print(f"resumed from step {step}: {deviations}")
+    assert all(v == 0.0 for k, v in deviations.items() if k != "series_values"), deviations
+
+
+def test_kill_inside_a_checkpoint_write_resumes_bitwise(reference, tmp_path):
+    """The default-run case: killed while ``last.ckpt`` of step 20 is half written (its temporary file
+    exists; the periodic checkpoint of step 20 is complete), resumed from that periodic checkpoint."""
+    step, deviations = kill_and_resume(reference, tmp_path, lambda ckpts: writing(ckpts, "last.ckpt", after_step=20))
+    leftovers = files(tmp_path / "run" / "checkpoints", ".*.tmp")
+    assert leftovers, "the kill should leave the half-written temporary file behind"
+    assert step == 20
+    assert_bitwise(step, deviations)
+
+
+KILL_POINTS = {
+    # name: (ready condition on the checkpoint folder, delay range in seconds)
+    "inside-first-write": (lambda ckpts: writing(ckpts, "epoch=0-step=10.ckpt"), (0.0, 0.0)),
+    "mid-epoch-after-step-10": (lambda ckpts: saved(ckpts, 10), (0.0, 0.3)),
+    "epoch-end-after-step-20": (lambda ckpts: saved(ckpts, 20), (0.0, 0.3)),
+    "inside-last-write-step-30": (lambda ckpts: writing(ckpts, "last.ckpt", after_step=30), (0.0, 0.0)),
+    "mid-epoch-after-step-30": (lambda ckpts: saved(ckpts, 30), (0.0, 0.3)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(KILL_POINTS))
+def test_kill_anywhere_resumes_bitwise(reference, tmp_path, name):
+    ready, (low, high) = KILL_POINTS[name]
+    delay = random.Random(name).uniform(low, high)
+    step, deviations = kill_and_resume(reference, tmp_path, ready, delay)
+    assert_bitwise(step, deviations)
