@@ -3,12 +3,12 @@
 A real ``adai-lightning fit`` subprocess is killed by PID (SIGKILL) at chosen moments: inside a
 checkpoint write (its temporary file half written), or at a random delay after a periodic checkpoint
 (mid-epoch and at the epoch's last batch). ``adai-lightning fit ... --ckpt_path last`` then finishes
-the run, and its final weights, optimizer and scheduler state, callback states and the callbacks'
-logged series must be bitwise equal to an uninterrupted run's.
+the run, and its final weights, optimizer and scheduler state, the three monitoring callbacks' states
+and their logged series (Hessian ones included: the probe checkpoints its evaluation subset) must be
+bitwise equal to an uninterrupted run's.
 
 The killed run writes its checkpoints with ``tests/slow_checkpoint_io.py`` (it sleeps halfway through
-each write) so that the test can catch the process inside a write. The Hessian callback is left out of
-these runs until its evaluation subset is saved in checkpoints (it re-collects it after a resume).
+each write) so that the test can catch the process inside a write.
 """
 
 from __future__ import annotations
@@ -33,18 +33,21 @@ from adai_lightning.cli import main
 from adai_lightning.recipes.checkpointing import newest_first, newest_loadable
 from adai_lightning.report import Metrics
 
-EXCLUDED_CALLBACKS = ("adai_lightning.callbacks.HessianSharpness",)  # re-collects its batches on resume
 CALLBACK_KEYS = ("inertia/", "saddle/", "sharpness/")
 SLOW_IO = {"class_path": "slow_checkpoint_io.SlowAtomicCheckpointIO", "init_args": {"pause": 0.4}}
 
 
-def recipe_copy(name: str, folder: Path, slow_writes: bool = False, **overrides) -> Path:
-    """``recipes/<name>`` for a short CPU run into ``folder/run``: CSV log only, no test after fit."""
+def recipe_copy(name: str, folder: Path, slow_writes: bool = False, cadences: dict[str, dict] | None = None,
+                **overrides) -> Path:
+    """``recipes/<name>`` for a short CPU run into ``folder/run``: CSV log only, no test after fit;
+    ``cadences`` maps a callback's class name to init_args that replace the recipe's."""
     recipe = yaml.safe_load((RECIPES / name).read_text())
-    trainer = recipe["trainer"]
+    callbacks = recipe["trainer"]["callbacks"]
+    for callback in callbacks:
+        callback.setdefault("init_args", {}).update((cadences or {}).get(callback["class_path"].rpartition(".")[2], {}))
     settings = {
-        "trainer.callbacks": [c for c in trainer["callbacks"] if c["class_path"] not in EXCLUDED_CALLBACKS],
-        "trainer.logger": [c for c in trainer["logger"] if c["class_path"].endswith("CSVLogger")],
+        "trainer.logger": [c for c in recipe["trainer"]["logger"] if c["class_path"].endswith("CSVLogger")],
+        "trainer.callbacks": callbacks,
         "trainer.enable_progress_bar": False,
         "test_after_fit": False,
         **overrides,
@@ -182,21 +185,49 @@ def resume_step(run: Path) -> int:
     return 0 if path is None else torch.load(path, weights_only=False)["global_step"]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    """The uninterrupted run: default recipe, 2 epochs of 20 steps, a checkpoint every 10 steps."""
+#: The fast case: the default recipe with 256-sample batches (5 steps an epoch), 2 epochs, a checkpoint
+#: every 5 steps, the callbacks every 2-4 steps (the Hessian one on 64 samples).
+FAST = dict(recipe="default.yaml", cadences={
+    "PeriodicCheckpoint": {"every_n_train_steps": 5}, "InertiaMonitor": {"every_n_train_steps": 2},
+    "HessianSharpness": {"every_n_train_steps": 4, "num_samples": 64}, "SaddleEscapeMonitor": {"every_n_train_steps": 3},
+}, overrides={"trainer.max_epochs": 2, "data.init_args.batch_size": 256, "trainer.log_every_n_steps": 1})
+#: The default recipe as shipped (64-sample batches: 20 steps an epoch, a checkpoint every 10), 2 epochs.
+DEFAULT = dict(recipe="default.yaml", cadences={}, overrides={"trainer.max_epochs": 2})
+#: The saddle recipe (64 steps an epoch), 2 epochs, a checkpoint every 40 steps (mid-epoch ones).
+SADDLE = dict(recipe="saddle_deep_linear.yaml", cadences={"PeriodicCheckpoint": {"every_n_train_steps": 40}},
+              overrides={"trainer.max_epochs": 2})
+
+
+def run_copy(setting: dict, folder: Path, slow_writes: bool = False) -> Path:
+    return recipe_copy(setting["recipe"], folder, slow_writes, setting["cadences"], **setting["overrides"])
+
+
+def reference_run(tmp_path_factory, setting: dict) -> Path:
+    """The uninterrupted run of ``setting``."""
     folder = tmp_path_factory.mktemp("reference")
-    fit_in_process(recipe_copy("default.yaml", folder, **{"trainer.max_epochs": 2}))
+    fit_in_process(run_copy(setting, folder))
     return folder / "run"
 
 
-def kill_and_resume(reference: Path, folder: Path, kill_point: Callable[[Path], Callable[[], bool]],
+@pytest.fixture(scope="module")
+def fast_reference(tmp_path_factory) -> Path:
+    return reference_run(tmp_path_factory, FAST)
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory) -> dict[str, Path]:
+    return {name: reference_run(tmp_path_factory, setting) for name, setting in (("default", DEFAULT), ("saddle", SADDLE))}
+
+
+def kill_and_resume(setting: dict, reference: Path, folder: Path, kill_point: Callable[[Path], Callable[[], bool]],
                     delay: float = 0.0) -> tuple[int, dict[str, float]]:
-    config = recipe_copy("default.yaml", folder, slow_writes=True, **{"trainer.max_epochs": 2})
+    """Start ``setting``'s fit in a subprocess, SIGKILL it at ``kill_point`` + ``delay``, resume it with
+    ``--ckpt_path last`` and compare with ``reference``: (the step resumed from, the deviations)."""
     run = folder / "run"
-    kill_when(start_fit(config, folder / "killed.log"), kill_point(run / "checkpoints"), delay, folder / "killed.log")
+    kill_when(start_fit(run_copy(setting, folder, slow_writes=True), folder / "killed.log"),
+              kill_point(run / "checkpoints"), delay, folder / "killed.log")
     step = resume_step(run)
-    fit_in_process(recipe_copy("default.yaml", folder, **{"trainer.max_epochs": 2}), "--ckpt_path", "last")
+    fit_in_process(run_copy(setting, folder), "--ckpt_path", "last")
     return step, compare_runs(reference, run)
 
 
@@ -205,30 +236,33 @@ def assert_bitwise(step: int, deviations: dict[str, float]) -> None:
     assert all(v == 0.0 for k, v in deviations.items() if k != "series_values"), deviations
 
 
-def test_kill_inside_a_checkpoint_write_resumes_bitwise(reference, tmp_path):
-    """The default-run case: killed while ``last.ckpt`` of step 20 is half written (its temporary file
-    exists; the periodic checkpoint of step 20 is complete), resumed from that periodic checkpoint."""
-    step, deviations = kill_and_resume(reference, tmp_path, lambda ckpts: writing(ckpts, "last.ckpt", after_step=20))
-    leftovers = files(tmp_path / "run" / "checkpoints", ".*.tmp")
-    assert leftovers, "the kill should leave the half-written temporary file behind"
-    assert step == 20
+def test_kill_inside_a_checkpoint_write_resumes_bitwise(fast_reference, tmp_path):
+    """The default-run case: killed while ``last.ckpt`` of step 5 (the first epoch's last batch) is half
+    written (its temporary file exists; the periodic checkpoint of step 5 is complete), resumed from
+    that periodic checkpoint."""
+    step, deviations = kill_and_resume(FAST, fast_reference, tmp_path,
+                                       lambda ckpts: writing(ckpts, "last.ckpt", after_step=5))
+    assert files(tmp_path / "run" / "checkpoints", ".*.tmp"), "the kill should leave the half-written file behind"
+    assert step == 5
     assert_bitwise(step, deviations)
 
 
 KILL_POINTS = {
-    # name: (ready condition on the checkpoint folder, delay range in seconds)
-    "inside-first-write": (lambda ckpts: writing(ckpts, "epoch=0-step=10.ckpt"), (0.0, 0.0)),
-    "mid-epoch-after-step-10": (lambda ckpts: saved(ckpts, 10), (0.0, 0.3)),
-    "epoch-end-after-step-20": (lambda ckpts: saved(ckpts, 20), (0.0, 0.3)),
-    "inside-last-write-step-30": (lambda ckpts: writing(ckpts, "last.ckpt", after_step=30), (0.0, 0.0)),
-    "mid-epoch-after-step-30": (lambda ckpts: saved(ckpts, 30), (0.0, 0.3)),
+    # name: (setting, ready condition on the checkpoint folder, delay range in seconds)
+    "inside-first-write": ("default", lambda ckpts: writing(ckpts, "epoch=0-step=10.ckpt"), (0.0, 0.0)),
+    "mid-epoch-after-step-10": ("default", lambda ckpts: saved(ckpts, 10), (0.0, 0.3)),
+    "epoch-end-after-step-20": ("default", lambda ckpts: saved(ckpts, 20), (0.0, 0.3)),
+    "inside-last-write-step-30": ("default", lambda ckpts: writing(ckpts, "last.ckpt", after_step=30), (0.0, 0.0)),
+    "mid-epoch-after-step-30": ("default", lambda ckpts: saved(ckpts, 30), (0.0, 0.3)),
+    "saddle-mid-epoch-after-step-80": ("saddle", lambda ckpts: saved(ckpts, 80), (0.0, 0.3)),
 }
+SETTINGS = {"default": DEFAULT, "saddle": SADDLE}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(KILL_POINTS))
-def test_kill_anywhere_resumes_bitwise(reference, tmp_path, name):
-    ready, (low, high) = KILL_POINTS[name]
+def test_kill_anywhere_resumes_bitwise(references, tmp_path, name):
+    setting, ready, (low, high) = KILL_POINTS[name]
     delay = random.Random(name).uniform(low, high)
-    step, deviations = kill_and_resume(reference, tmp_path, ready, delay)
+    step, deviations = kill_and_resume(SETTINGS[setting], references[setting], tmp_path, ready, delay)
     assert_bitwise(step, deviations)

@@ -40,7 +40,14 @@ class _ShuffleIterator:
         return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue at ``position`` of ``epoch``'s order; an epoch saved complete continues with the next.
+
+        Lightning resumes a checkpoint saved after an epoch's last batch with the iterator restored
+        from it (it does not ask for a new one), so that iterator must yield the next epoch.
+        """
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        if self.position >= self.sampler.size:
+            self.epoch, self.position = self.epoch + 1, 0
         self.order = self.sampler.order(self.epoch)
 
 
