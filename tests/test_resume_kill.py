@@ -266,3 +266,70 @@ def test_kill_anywhere_resumes_bitwise(references, tmp_path, name):
     delay = random.Random(name).uniform(low, high)
     step, deviations = kill_and_resume(SETTINGS[setting], references[setting], tmp_path, ready, delay)
     assert_bitwise(step, deviations)
+
+
+# --- the pieces, fast ---------------------------------------------------------------------------------
+
+def test_shuffle_order_depends_only_on_seed_and_epoch():
+    from adai_lightning.recipes._base import EpochShuffleSampler
+
+    sampler = EpochShuffleSampler(50, seed=3)
+    torch.manual_seed(0)
+    first = list(sampler)
+    torch.manual_seed(1)
+    torch.rand(7)  # the global RNG moves: the order does not
+    assert list(sampler) == first and sorted(first) == list(range(50))
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    assert list(EpochShuffleSampler(50, seed=4)) != first
+    with pytest.raises(ValueError, match="shuffle seed"):
+        EpochShuffleSampler(50, seed=-1)
+
+
+def test_loader_state_resumes_mid_epoch_and_rolls_over_at_the_epoch_end():
+    """Through torchdata's StatefulDataLoader as Lightning drives it: a state saved after 3 of 7
+    batches continues with batch 4 of the same epoch; one saved after the last batch, restored into
+    the iterator Lightning keeps, continues with the next epoch's first batch."""
+    from torch.utils.data import TensorDataset
+
+    from adai_lightning.recipes._base import SplitDataModule
+
+    data = SplitDataModule(batch_size=4, num_workers=0, shuffle_seed=5)
+    data.splits["train"] = TensorDataset(torch.arange(26))
+    epochs = []
+    for epoch in range(2):
+        loader = data.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        epochs.append([batch[0].tolist() for batch in loader])
+    assert epochs[0] != epochs[1] and sorted(sum(epochs[0], [])) == list(range(26))
+
+    loader = data.train_dataloader()
+    iterator = iter(loader)
+    for _ in range(3):
+        next(iterator)
+    state = loader.state_dict()
+    resumed = data.train_dataloader()
+    resumed.load_state_dict(state)
+    assert [batch[0].tolist() for batch in resumed] == epochs[0][3:]
+
+    for _ in range(4):  # the epoch's last batch, taken as Lightning takes it (no StopIteration yet)
+        next(iterator)
+    resumed = data.train_dataloader()
+    resumed.load_state_dict(loader.state_dict())
+    assert [batch[0].tolist() for batch in resumed] == epochs[1]
+
+
+def test_atomic_checkpoint_write_keeps_the_old_file_when_interrupted(tmp_path):
+    from adai_lightning.recipes.checkpointing import AtomicCheckpointIO
+
+    class Interrupted(AtomicCheckpointIO):
+        def write(self, checkpoint, path):
+            path.write_bytes(b"half a checkpoint")
+            raise KeyboardInterrupt
+
+    target = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": 1}, target)
+    with pytest.raises(KeyboardInterrupt):
+        Interrupted().save_checkpoint({"step": 2}, target)
+    assert torch.load(target, weights_only=False) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # the temporary file is gone

@@ -9,6 +9,7 @@ from its checkpoint sees exactly the batches the uninterrupted run saw.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from collections.abc import Iterator
@@ -70,8 +71,10 @@ class EpochShuffleSampler(Sampler[int]):
         self.epoch = epoch
 
     def order(self, epoch: int) -> list[int]:
-        """The permutation of ``epoch``: a generator seeded with ``seed`` and ``epoch`` in separate bits."""
-        generator = torch.Generator().manual_seed((self.seed << 32) | (epoch % 2**32))
+        """The permutation of ``epoch``, from a generator seeded with a hash of ``(seed, epoch)`` (torch's
+        CPU generator keeps only 32 bits of its seed, so the two cannot simply sit in separate bits)."""
+        digest = hashlib.blake2b(f"{self.seed}:{epoch}".encode(), digest_size=4).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest, "little"))
         return torch.randperm(self.size, generator=generator).tolist()
 
     def __iter__(self) -> Iterator[int]:
