@@ -109,6 +109,16 @@ class AdaiCLI(LightningCLI):
                 raise
             raise ConfigurationError(one_line(error)) from error
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads an explicit ``ckpt_path``'s hyperparameters while parsing: a file that does
+        not load is a :class:`CheckpointError` naming it, not torch's many-line RuntimeError."""
+        try:
+            super()._parse_ckpt_path()
+        except ArgumentError:
+            raise
+        except Exception as error:
+            raise CheckpointError.unreadable(self.config[self.config.subcommand].get("ckpt_path"), error) from error
+
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
         """Lightning's arguments, with ``ckpt_path`` checked (and ``"last"`` resolved); training starts next."""
         kwargs = super()._prepare_subcommand_kwargs(subcommand)

@@ -27,6 +27,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used for resuming; the message names the file."""
 
+    @classmethod
+    def unreadable(cls, path: str | os.PathLike, error: BaseException) -> CheckpointError:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        return cls(f"checkpoint {path} cannot be loaded ({reason})")
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` whose writes are atomic: temporary file, ``fsync``, ``os.replace``."""
@@ -87,8 +92,7 @@ def check_loads(path: Path, load: Callable[[Path], Any]) -> None:
     try:
         load(path)
     except Exception as error:  # torch raises RuntimeError, pickle/zip errors, EOFError...
-        reason = " ".join(str(error).split()) or type(error).__name__
-        raise CheckpointError(f"checkpoint {path} cannot be loaded ({reason})") from error
+        raise CheckpointError.unreadable(path, error) from error
 
 
 def newest_loadable(candidates: list[Path], load: Callable[[Path], Any]) -> Path | None:
