@@ -58,7 +58,7 @@ def test_a_missing_dataset_is_one_line(tmp_path, capsys):
 
 
 def test_debug_flag_and_environment_show_the_traceback(tmp_path, monkeypatch):
-    monkeypatch.delenv("ADAI_LIGHTNING_DEBUG", raising=False)
+    monkeypatch.setenv("ADAI_LIGHTNING_DEBUG", "0")  # restored (unset) afterwards, though --debug sets it
     with pytest.raises(ConfigurationError, match="Invalid lr") as error:
         main(["--debug", *quick(tmp_path), "--optimizer.lr", "-1"])
     assert isinstance(error.value.__cause__, ValueError)
