@@ -18,11 +18,13 @@ import sys
 from argparse import ArgumentError
 from collections.abc import Sequence
 from functools import partial, update_wrapper
+from importlib import import_module
 from types import MethodType
 from typing import Any
 
 from jsonargparse import set_parsing_settings
 from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, _global_add_class_path, instantiate_class
 
 import adai_lightning  # noqa: F401  (registers Adai and AdaiW as torch optimizers for the parser)
@@ -64,6 +66,19 @@ def one_line(error: BaseException) -> str:
         error = error.__cause__
     message = " ".join(str(error).split()) or type(error).__name__
     return f"{key}: {message}" if key and not message.startswith("Parser key") else message
+
+
+def _is_model_checkpoint(callback: Any) -> bool:
+    """Whether a callback's config (a ``class_path`` namespace) or instance is a ``ModelCheckpoint``."""
+    class_path = getattr(callback, "class_path", None)
+    if class_path is None:
+        return isinstance(callback, ModelCheckpoint)
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(import_module(module), name)
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, ModelCheckpoint)
 
 
 def qualify_optimizer_names(args: Sequence[str]) -> list[str]:
@@ -127,6 +142,13 @@ class AdaiCLI(LightningCLI):
         self._running = True
         return kwargs
 
+    def before_instantiate_classes(self) -> None:
+        """``--trainer.enable_checkpointing false`` also drops the recipe's ``ModelCheckpoint`` callbacks
+        (Lightning refuses the combination), so a recipe with periodic checkpoints can still run without."""
+        trainer = (self.config[self.subcommand] if self.subcommand else self.config).trainer
+        if trainer.enable_checkpointing is False and isinstance(trainer.callbacks, list):
+            trainer.callbacks = [c for c in trainer.callbacks if not _is_model_checkpoint(c)]
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=False,
                             help="After fit, run test with the final weights (fit only).")
@@ -182,8 +204,6 @@ def main(args: Sequence[str] | None = None) -> None:
         argv.remove(DEBUG_FLAG)
         os.environ[DEBUG_ENV] = "1"  # also for the processes DDP launches
     if argv and argv[0] in ("report", "compare"):
-        from importlib import import_module
-
         import_module(f"adai_lightning.{argv[0]}").main(argv[1:])
         return
     argv = qualify_optimizer_names(argv)
