@@ -333,3 +333,49 @@ def test_atomic_checkpoint_write_keeps_the_old_file_when_interrupted(tmp_path):
         Interrupted().save_checkpoint({"step": 2}, target)
     assert torch.load(target, weights_only=False) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # the temporary file is gone
+
+
+class NoisyItems(torch.utils.data.Dataset):
+    """Items with a random 'augmentation' drawn from the global torch RNG, as torchvision's transforms do."""
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return index + torch.rand(())
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_augmentation_is_drawn_from_seed_epoch_and_index(num_workers):
+    """CIFAR and ImageNet modules (``augmented = True``): the same item of the same epoch gets the same
+    augmentation whatever the global RNG, in the main process or in workers, and a loader restored
+    mid-epoch continues with identical augmented batches."""
+    from adai_lightning.recipes._base import SplitDataModule
+
+    class Augmented(SplitDataModule):
+        augmented = True
+
+    data = Augmented(batch_size=4, num_workers=num_workers, shuffle_seed=1)
+    data.splits["train"] = NoisyItems()
+
+    def epoch_batches(loader, epoch: int, rng_seed: int) -> list[torch.Tensor]:
+        torch.manual_seed(rng_seed)
+        loader.sampler.set_epoch(epoch)
+        return list(loader)
+
+    loader = data.train_dataloader()
+    first = epoch_batches(loader, 1, rng_seed=0)
+    again = epoch_batches(data.train_dataloader(), 1, rng_seed=123)
+    assert all(torch.equal(a, b) for a, b in zip(first, again)) and len(first) == 3
+    other_epoch = {int(v): v for v in torch.cat(epoch_batches(loader, 2, rng_seed=0))}
+    assert all(other_epoch[int(v)] != v for v in torch.cat(first))  # a new augmentation each epoch
+
+    loader = data.train_dataloader()
+    loader.sampler.set_epoch(1)
+    iterator = iter(loader)
+    next(iterator)
+    state = loader.state_dict()
+    torch.manual_seed(99)
+    resumed = data.train_dataloader()
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(list(resumed), first[1:]))

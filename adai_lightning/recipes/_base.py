@@ -21,6 +21,33 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 
+def derived_seed(*parts: int) -> int:
+    """A 32-bit seed from a hash of ``parts`` (torch's CPU generator keeps only 32 bits of a seed, so
+    parts cannot simply sit in separate bits)."""
+    digest = hashlib.blake2b(":".join(map(str, parts)).encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
+class SeededItems(Dataset):
+    """``dataset`` whose item ``(epoch, index)`` is ``dataset[index]`` drawn with the global torch RNG
+    seeded from ``(seed, epoch, index)`` and restored afterwards: random augmentation (torchvision's
+    crops and flips draw from it) is then a function of the item, wherever and whenever it is loaded.
+    A plain ``index`` is epoch -1 (the Hessian probe's fixed subset reads items that way)."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> Any:
+        epoch, index = key if isinstance(key, tuple) else (-1, key)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derived_seed(self.seed, epoch, index))
+            return self.dataset[index]
+
+
 class _ShuffleIterator:
     """One epoch of an :class:`EpochShuffleSampler`: its order and how far it got (a torchdata ``Stateful``)."""
 
@@ -31,11 +58,12 @@ class _ShuffleIterator:
     def __iter__(self) -> _ShuffleIterator:
         return self
 
-    def __next__(self) -> int:
+    def __next__(self) -> int | tuple[int, int]:
         if self.position >= len(self.order):
             raise StopIteration
         self.position += 1
-        return self.order[self.position - 1]
+        index = self.order[self.position - 1]
+        return (self.epoch, index) if self.sampler.with_epoch else index
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
@@ -52,32 +80,32 @@ class _ShuffleIterator:
         self.order = self.sampler.order(self.epoch)
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A random permutation of ``range(size)`` drawn from ``(seed, epoch)`` alone.
+class EpochShuffleSampler(Sampler):
+    """A random permutation of ``range(size)`` drawn from ``(seed, epoch)`` alone; with ``with_epoch``
+    it yields ``(epoch, index)`` pairs, the keys of :class:`SeededItems`.
 
     Lightning calls ``set_epoch`` at the start of every epoch (as for ``DistributedSampler``). Each
     iterator remembers its epoch and position, and torchdata's ``StatefulDataLoader`` saves and
     restores them, so a resumed run continues the same epoch's order at the same sample.
     """
 
-    def __init__(self, size: int, seed: int) -> None:
+    def __init__(self, size: int, seed: int, with_epoch: bool = False) -> None:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
             raise ValueError(f"Invalid shuffle seed: {seed!r}; it must be an integer in [0, 2**32)")
         self.size = size
         self.seed = seed
+        self.with_epoch = with_epoch
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def order(self, epoch: int) -> list[int]:
-        """The permutation of ``epoch``, from a generator seeded with a hash of ``(seed, epoch)`` (torch's
-        CPU generator keeps only 32 bits of its seed, so the two cannot simply sit in separate bits)."""
-        digest = hashlib.blake2b(f"{self.seed}:{epoch}".encode(), digest_size=4).digest()
-        generator = torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+        """The permutation of ``epoch``, from a generator seeded with ``derived_seed(seed, epoch)``."""
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch))
         return torch.randperm(self.size, generator=generator).tolist()
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int | tuple[int, int]]:
         return _ShuffleIterator(self, self.epoch)
 
     def __len__(self) -> int:
@@ -93,8 +121,11 @@ class SplitDataModule(pl.LightningDataModule):
     """Serves ``self.splits["train" | "val" | "test"]`` (filled by a subclass's ``setup``) as loaders.
 
     ``shuffle_seed`` fixes the training order (``None``: the run's ``seed_everything`` value, so that
-    runs with different seeds also see different orders).
+    runs with different seeds also see different orders). A subclass whose training transforms are
+    random sets ``augmented = True``: its items are then drawn through :class:`SeededItems`.
     """
+
+    augmented = False
 
     def __init__(self, batch_size: int, num_workers: int, shuffle_seed: int | None = None) -> None:
         super().__init__()
@@ -114,9 +145,12 @@ class SplitDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> StatefulDataLoader:
         train = self.splits["train"]
         seed = run_seed() if self.shuffle_seed is None else self.shuffle_seed
+        if self.augmented:
+            train = SeededItems(train, seed)
+        sampler = EpochShuffleSampler(len(train), seed, with_epoch=self.augmented)
         with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in torch 2.14
             warnings.filterwarnings("ignore", message=".*set_vital.*is deprecated")
-            return StatefulDataLoader(train, sampler=EpochShuffleSampler(len(train), seed), **self._loader_kwargs())
+            return StatefulDataLoader(train, sampler=sampler, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.splits["val"], shuffle=False, **self._loader_kwargs())

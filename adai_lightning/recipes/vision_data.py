@@ -31,6 +31,7 @@ class CIFARDataModule(SplitDataModule):
 
     dataset_name = "CIFAR10"
     num_classes = 10
+    augmented = True  # random crops and flips, drawn per item from (seed, epoch, index)
 
     def __init__(self, root: str = "data", batch_size: int = 128, download: bool = False,
                  num_workers: int = 4, shuffle_seed: int | None = None) -> None:
@@ -93,6 +94,8 @@ class ImageFolderDataModule(SplitDataModule):
     The usual ImageNet pipeline: random-resized crops of ``crop_size`` and flips for training; resize to
     ``crop_size * 8/7`` and a centre crop for validation and test (the val split serves both).
     """
+
+    augmented = True  # random-resized crops and flips, drawn per item from (seed, epoch, index)
 
     def __init__(self, root: str, batch_size: int = 256, crop_size: int = 224, num_workers: int = 8,
                  shuffle_seed: int | None = None) -> None:
