@@ -17,7 +17,7 @@ def test_default_recipe_fits_with_ddp_on_two_cpu_processes(tmp_path):
             "--trainer.limit_val_batches", "2", "--trainer.enable_progress_bar", "false", timeout=240)
     path = tmp_path / "run" / "checkpoints" / "last.ckpt"  # the recipe's PeriodicCheckpoint: the final state
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    assert checkpoint["global_step"] == 6 and checkpoint["epoch"] == 1
+    assert checkpoint["global_step"] == 6 and checkpoint["epoch"] == 2  # written as training ended, 2 epochs done
     optimizer_state = checkpoint["optimizer_states"][0]["state"]
     assert all(int(s["step"]) == 6 for s in optimizer_state.values())  # every rank-0 parameter stepped 6 times
     metrics = report.Metrics.read(report.find_metrics(tmp_path / "run"))  # rank 0 logged, once per step

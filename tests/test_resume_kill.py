@@ -379,3 +379,24 @@ def test_augmentation_is_drawn_from_seed_epoch_and_index(num_workers):
     resumed = data.train_dataloader()
     resumed.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(list(resumed), first[1:]))
+
+
+def test_sampler_shards_like_distributed_sampler_and_passes_the_epoch_on():
+    """Under DDP each rank draws its share of the same (seed, epoch) permutation, padded as torch's
+    DistributedSampler pads; being a DistributedSampler, Lightning uses it unwrapped and its
+    ``set_epoch`` reaches the (epoch, index) keys of the augmentation."""
+    from torch.utils.data import DistributedSampler
+
+    from adai_lightning.recipes._base import EpochShuffleSampler
+
+    whole = list(EpochShuffleSampler(10, seed=2))
+    shares = [list(EpochShuffleSampler(10, seed=2, num_replicas=3, rank=r)) for r in range(3)]
+    assert all(len(share) == 4 for share in shares)
+    assert sorted(sum(shares, [])) == sorted(whole + whole[:2])  # every sample, the first two twice
+    assert shares[1] == (whole + whole[:2])[1::3]
+    sampler = EpochShuffleSampler(10, seed=2, with_epoch=True, num_replicas=2, rank=1)
+    assert isinstance(sampler, DistributedSampler)
+    sampler.set_epoch(4)
+    assert {epoch for epoch, _ in sampler} == {4}
+    with pytest.raises(ValueError, match="rank"):
+        EpochShuffleSampler(10, seed=2, num_replicas=2, rank=2)

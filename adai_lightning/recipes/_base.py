@@ -10,6 +10,7 @@ from its checkpoint sees exactly the batches the uninterrupted run saw.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 
@@ -75,41 +76,48 @@ class _ShuffleIterator:
         from it (it does not ask for a new one), so that iterator must yield the next epoch.
         """
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        if self.position >= self.sampler.size:
+        if self.position >= len(self.sampler):
             self.epoch, self.position = self.epoch + 1, 0
         self.order = self.sampler.order(self.epoch)
 
 
-class EpochShuffleSampler(Sampler):
-    """A random permutation of ``range(size)`` drawn from ``(seed, epoch)`` alone; with ``with_epoch``
-    it yields ``(epoch, index)`` pairs, the keys of :class:`SeededItems`.
+class EpochShuffleSampler(DistributedSampler):
+    """A random permutation of ``range(size)`` drawn from ``(seed, epoch)`` alone, split across
+    ``num_replicas`` processes as ``DistributedSampler`` splits it (padded to a multiple, every
+    ``num_replicas``-th index from ``rank``); with ``with_epoch`` it yields ``(epoch, index)`` pairs,
+    the keys of :class:`SeededItems`.
 
-    Lightning calls ``set_epoch`` at the start of every epoch (as for ``DistributedSampler``). Each
-    iterator remembers its epoch and position, and torchdata's ``StatefulDataLoader`` saves and
-    restores them, so a resumed run continues the same epoch's order at the same sample.
+    Lightning calls ``set_epoch`` at the start of every epoch. Each iterator remembers its epoch and
+    position, and torchdata's ``StatefulDataLoader`` saves and restores them, so a resumed run
+    continues the same epoch's order at the same sample. It is a ``DistributedSampler`` so that
+    under DDP Lightning uses it as it is, rather than wrapping it in a sampler that would never pass
+    the epoch on.
     """
 
-    def __init__(self, size: int, seed: int, with_epoch: bool = False) -> None:
+    def __init__(self, size: int, seed: int, with_epoch: bool = False, num_replicas: int = 1, rank: int = 0) -> None:
+        # DistributedSampler's attributes, without its process-group lookup (the data module knows the ranks)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
             raise ValueError(f"Invalid shuffle seed: {seed!r}; it must be an integer in [0, 2**32)")
-        self.size = size
-        self.seed = seed
-        self.with_epoch = with_epoch
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"Invalid rank: {rank}; it must lie in [0, num_replicas={num_replicas})")
+        self.size, self.seed, self.with_epoch = size, seed, with_epoch
+        self.num_replicas, self.rank = num_replicas, rank
+        self.num_samples = math.ceil(size / num_replicas)
+        self.total_size = self.num_samples * num_replicas
+        self.shuffle, self.drop_last, self.epoch = True, False, 0
 
     def order(self, epoch: int) -> list[int]:
-        """The permutation of ``epoch``, from a generator seeded with ``derived_seed(seed, epoch)``."""
+        """This rank's share of the permutation of ``epoch``, drawn with ``derived_seed(seed, epoch)``."""
         generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch))
-        return torch.randperm(self.size, generator=generator).tolist()
+        permutation = torch.randperm(self.size, generator=generator).tolist()
+        padded = (permutation * math.ceil(self.total_size / max(self.size, 1)))[: self.total_size]
+        return padded[self.rank:self.total_size:self.num_replicas]
 
     def __iter__(self) -> Iterator[int | tuple[int, int]]:
         return _ShuffleIterator(self, self.epoch)
 
     def __len__(self) -> int:
-        return self.size
+        return self.num_samples
 
 
 def run_seed() -> int:
@@ -147,7 +155,9 @@ class SplitDataModule(pl.LightningDataModule):
         seed = run_seed() if self.shuffle_seed is None else self.shuffle_seed
         if self.augmented:
             train = SeededItems(train, seed)
-        sampler = EpochShuffleSampler(len(train), seed, with_epoch=self.augmented)
+        trainer = self.trainer  # None when the module is used without a Trainer
+        ranks = dict(num_replicas=trainer.world_size, rank=trainer.global_rank) if trainer is not None else {}
+        sampler = EpochShuffleSampler(len(train), seed, with_epoch=self.augmented, **ranks)
         with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in torch 2.14
             warnings.filterwarnings("ignore", message=".*set_vital.*is deprecated")
             return StatefulDataLoader(train, sampler=sampler, **self._loader_kwargs())
