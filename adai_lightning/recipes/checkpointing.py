@@ -117,7 +117,8 @@ def resolve_checkpoint(trainer: pl.Trainer, ckpt_path: str | os.PathLike | None)
     if ckpt_path == "last":
         found = newest_loadable(newest_first(checkpoint_folders(trainer)), load)
         return ckpt_path if found is None else str(found)
-    if ckpt_path is None or ckpt_path in ("best", "hpc", "registry") or "://" in str(ckpt_path):
+    if ckpt_path is None or ckpt_path in ("best", "hpc") or str(ckpt_path).startswith("registry") \
+            or "://" in str(ckpt_path):
         return ckpt_path  # Lightning's own lookups, and remote files, stay Lightning's
     check_loads(Path(ckpt_path), load)
     return str(ckpt_path)
