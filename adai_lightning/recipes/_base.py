@@ -141,6 +141,8 @@ class SplitDataModule(pl.LightningDataModule):
             raise ValueError(f"Invalid batch_size: {batch_size}; it must be >= 1")
         if num_workers < 0:
             raise ValueError(f"Invalid num_workers: {num_workers}; it must be >= 0")
+        if shuffle_seed is not None and not 0 <= shuffle_seed < 2**32:
+            raise ValueError(f"Invalid shuffle_seed: {shuffle_seed}; it must be None or an integer in [0, 2**32)")
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.shuffle_seed = shuffle_seed
