@@ -3,25 +3,82 @@
 ``adai-lightning fit --config recipes/default.yaml --optimizer Adai --optimizer.lr 0.5`` works as in any
 LightningCLI (``fit``, ``validate``, ``test``, ``predict``), with omegaconf interpolation in configs.
 ``adai-lightning report RUN_DIR`` and ``adai-lightning compare --config RECIPE ...`` render a run's logs.
+
+A configuration error (an out-of-range or mistyped argument, a bad callback argument, a missing dataset
+or checkpoint) prints ``error: <one line>`` and exits with status 2; ``--debug`` (anywhere on the
+command line) or ``ADAI_LIGHTNING_DEBUG=1`` shows the full traceback instead. ``--ckpt_path last``
+resumes from the newest checkpoint that loads (see ``adai_lightning.recipes.checkpointing``).
 """
 
 from __future__ import annotations
 
+import os
+import re
 import sys
+from argparse import ArgumentError
 from collections.abc import Sequence
 from functools import partial, update_wrapper
+from importlib import import_module
 from types import MethodType
 from typing import Any
 
 from jsonargparse import set_parsing_settings
 from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, _global_add_class_path, instantiate_class
 
 import adai_lightning  # noqa: F401  (registers Adai and AdaiW as torch optimizers for the parser)
+from adai_lightning.recipes.checkpointing import CheckpointError, resolve_checkpoint
+from adai_lightning.recipes.vision_data import MissingDataError
 
 #: Short optimizer names that resolve to this package even when another imported package
 #: (pytorch-optimizer, say) exports a class of the same name.
 SHORT_NAMES = {"Adai": "adai_lightning.Adai", "AdaiW": "adai_lightning.AdaiW"}
+DEBUG_FLAG, DEBUG_ENV = "--debug", "ADAI_LIGHTNING_DEBUG"
+#: Exceptions that, raised while the command line is parsed and its classes are built, are the user's
+#: configuration (a wrong value, type, name or path), not a failure of the code.
+CONFIGURATION_ERRORS = (ArgumentError, ValueError, TypeError, LookupError, OSError, ImportError)
+#: Exceptions that are configuration errors even when raised once the subcommand runs.
+RUN_TIME_CONFIGURATION_ERRORS = (MissingDataError, CheckpointError)
+DESCRIPTION = (
+    "Lightning's fit / validate / test / predict with the Adai optimizer (--optimizer Adai or AdaiW). "
+    "Also: 'adai-lightning report RUN_DIR' (plots a run's logs into report.png / report.html) and "
+    "'adai-lightning compare --config RECIPE --optimizers Adai,SGD,Adam --seeds N' (runs and compares "
+    "optimizers); each takes --help. A configuration error prints one line and exits 2; --debug or "
+    f"{DEBUG_ENV}=1 shows its traceback."
+)
+
+
+class ConfigurationError(Exception):
+    """The command line or a config is wrong; the message is one line that says what and where."""
+
+
+def one_line(error: BaseException) -> str:
+    """The message of ``error``'s innermost configuration cause on one line, after the parser key it
+    concerns (jsonargparse wraps a class's own ``ValueError`` in a many-line union error under
+    ``Parser key "...":``; the key and the class's message are what the user needs)."""
+    key = None
+    while True:
+        match = re.match(r'Parser key "([^"]+)":', str(error))
+        key = key or (match and match.group(1))
+        if not isinstance(error.__cause__, CONFIGURATION_ERRORS):
+            break
+        error = error.__cause__
+    message = " ".join(str(error).split()) or type(error).__name__
+    return f"{key}: {message}" if key and not message.startswith("Parser key") else message
+
+
+def _is_model_checkpoint(callback: Any) -> bool:
+    """Whether a callback's config (a ``class_path`` namespace) or instance is a ``ModelCheckpoint``."""
+    class_path = getattr(callback, "class_path", None)
+    if class_path is None:
+        return isinstance(callback, ModelCheckpoint)
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(import_module(module), name)
+    except (ImportError, AttributeError):
+        return False
+    return isinstance(cls, type) and issubclass(cls, ModelCheckpoint)
 
 
 def qualify_optimizer_names(args: Sequence[str]) -> list[str]:
@@ -43,6 +100,10 @@ class AdaiCLI(LightningCLI):
 
     ``fit --test_after_fit true`` (set in ``recipes/default.yaml``) tests the final weights on the
     data module's test split right after training, so one command gives the test metrics.
+
+    A configuration error raises :class:`ConfigurationError` with a one-line message: every
+    ``CONFIGURATION_ERRORS`` exception until the subcommand starts (parsing, building the classes,
+    finding the checkpoint), and ``RUN_TIME_CONFIGURATION_ERRORS`` after (a missing dataset).
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -51,9 +112,42 @@ class AdaiCLI(LightningCLI):
         # ``--trainer.default_root_dir X`` also moves the loggers whose save_dir interpolates it.
         # Absolute paths (``${trainer.max_epochs}``) are made relative, so they work under a subcommand.
         parser_kwargs.setdefault("parser_mode", "omegaconf+")
+        parser_kwargs.setdefault("exit_on_error", False)  # raise, so that the error becomes one line
+        parser_kwargs.setdefault("description", DESCRIPTION)
         set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
-        super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
+        self._running = False
+        try:
+            super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
+        except CONFIGURATION_ERRORS as error:
+            if self._running and not isinstance(error, RUN_TIME_CONFIGURATION_ERRORS):
+                raise
+            raise ConfigurationError(one_line(error)) from error
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads an explicit ``ckpt_path``'s hyperparameters while parsing: a file that does
+        not load is a :class:`CheckpointError` naming it, not torch's many-line RuntimeError."""
+        try:
+            super()._parse_ckpt_path()
+        except ArgumentError:
+            raise
+        except Exception as error:
+            raise CheckpointError.unreadable(self.config[self.config.subcommand].get("ckpt_path"), error) from error
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        """Lightning's arguments, with ``ckpt_path`` checked (and ``"last"`` resolved); training starts next."""
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if kwargs.get("ckpt_path") is not None:
+            kwargs["ckpt_path"] = resolve_checkpoint(self.trainer, kwargs["ckpt_path"])
+        self._running = True
+        return kwargs
+
+    def before_instantiate_classes(self) -> None:
+        """``--trainer.enable_checkpointing false`` also drops the recipe's ``ModelCheckpoint`` callbacks
+        (Lightning refuses the combination), so a recipe with periodic checkpoints can still run without."""
+        trainer = (self.config[self.subcommand] if self.subcommand else self.config).trainer
+        if trainer.enable_checkpointing is False and isinstance(trainer.callbacks, list):
+            trainer.callbacks = [c for c in trainer.callbacks if not _is_model_checkpoint(c)]
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=False,
@@ -101,15 +195,24 @@ def main(args: Sequence[str] | None = None) -> None:
     """Entry point of the ``adai-lightning`` console script.
 
     ``report`` and ``compare`` are our own subcommands (see ``adai_lightning.report`` and
-    ``adai_lightning.compare``); everything else goes to the LightningCLI.
+    ``adai_lightning.compare``); everything else goes to the LightningCLI. Without ``args`` the command
+    line is ``sys.argv``, rewritten in place (short optimizer names qualified, ``--debug`` removed), so
+    that LightningCLI reads it itself and DDP's re-launch of this script sees the same arguments.
     """
-    args = list(sys.argv[1:] if args is None else args)
-    if args and args[0] in ("report", "compare"):
-        from importlib import import_module
-
-        import_module(f"adai_lightning.{args[0]}").main(args[1:])
+    argv = list(sys.argv[1:] if args is None else args)
+    if DEBUG_FLAG in argv:
+        argv.remove(DEBUG_FLAG)
+        os.environ[DEBUG_ENV] = "1"  # also for the processes DDP launches
+    if argv and argv[0] in ("report", "compare"):
+        import_module(f"adai_lightning.{argv[0]}").main(argv[1:])
         return
-    qualified = qualify_optimizer_names(args)
-    # Passing args that equal the command line makes LightningCLI warn about "both args and command
-    # line arguments"; hand them over only when they differ from it.
-    AdaiCLI(args=None if qualified == sys.argv[1:] else qualified)
+    argv = qualify_optimizer_names(argv)
+    if args is None:
+        sys.argv[1:] = argv
+    try:
+        AdaiCLI(args=None if args is None else argv)
+    except ConfigurationError as error:
+        if os.environ.get(DEBUG_ENV, "0") not in ("", "0"):
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,8 +1,10 @@
 """``adai-lightning report RUN_DIR``: one PNG and one self-contained HTML page from a run's ``metrics.csv``.
 
-Panels: loss and accuracy curves; beta1 quantile bands per layer over time (``inertia/...`` keys of
-``InertiaMonitor``); sharpness lambda_max against the 2/lr stability line (``HessianSharpness``);
-saddle indicators with plateaus shaded and escape events marked (``SaddleEscapeMonitor``).
+Panels: loss and accuracy curves (any ``train/loss``, ``train_loss``, ``val/g_loss``... key); beta1
+quantile bands per layer over time (``inertia/...`` keys of ``InertiaMonitor``, per optimizer as
+``inertia/opt0/...`` when there are several); sharpness lambda_max and lambda_2, and the stability
+ratio against its edge at 1.0 (``HessianSharpness``); saddle indicators with plateaus shaded and escape
+events marked at the plateaus' ends, and the negative-curvature ratio (``SaddleEscapeMonitor``).
 A panel whose keys were not logged says so instead of failing, so a run without callbacks still
 gets its loss curves. matplotlib is imported only when a report is drawn.
 """
@@ -14,6 +16,7 @@ import base64
 import csv
 import html
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,20 +33,23 @@ class Metrics:
 
     @classmethod
     def read(cls, paths: Sequence[Path]) -> Metrics:
+        """Read fit logs and, after them, test-only logs (placed at the end of training). A fit log
+        that a later one resumed (``--ckpt_path last``) contributes its rows before the resumed one's
+        first step: the rows it logged after its last checkpoint were logged again by the resumed fit."""
+        tables = [_read_rows(path) for path in paths]
+        fits = [rows for rows in tables if _is_fit(rows)]
         series: dict[str, list[tuple[float, float]]] = {}
         last_step = 0.0
-        for index, path in enumerate(paths):
-            with open(path, newline="") as handle:
-                for row in csv.DictReader(handle):
-                    step = _number(row.get("step"))
-                    if step is None:
-                        continue
-                    if index > 0:  # a later test of the final checkpoint: place it at the end of training
-                        step = max(step, last_step)
-                    for key, text in row.items():
-                        value = _number(text)
-                        if key not in ("step", "epoch") and value is not None:
-                            series.setdefault(key, []).append((step, value))
+        for rows in tables:
+            if _is_fit(rows):
+                later = fits[fits.index(rows) + 1:]
+                end = later[0][0][0] if later and later[0] else math.inf
+                rows = [(step, row) for step, row in rows if step < end]
+            else:  # a later test of the final checkpoint: place it at the end of training
+                rows = [(max(step, last_step), row) for step, row in rows]
+            for step, row in rows:
+                for key, value in row.items():
+                    series.setdefault(key, []).append((step, value))
             last_step = max((p[-1][0] for p in series.values() if p), default=0.0)
         for points in series.values():
             points.sort()
@@ -61,8 +67,14 @@ class Metrics:
         return points[-1][1] if points else None
 
     def scopes(self, prefix: str) -> list[str]:
-        """Names ``<n>`` of every ``<prefix><n>/q50`` key, in first-logged order."""
-        return [k[len(prefix):-len("/q50")] for k in self.series if k.startswith(prefix) and k.endswith("/q50")]
+        """Names ``<n>`` of every ``<prefix><n>/q50`` key, in natural order (``layers.5`` before ``layers.12``)."""
+        names = [k[len(prefix):-len("/q50")] for k in self.series if k.startswith(prefix) and k.endswith("/q50")]
+        return sorted(names, key=natural_key)
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders the numbers inside ``name`` by value: ``layer.5`` < ``layer.12``."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part]
 
 
 def _number(text: str | None) -> float | None:
@@ -73,24 +85,50 @@ def _number(text: str | None) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def find_metrics(run_dir: Path) -> list[Path]:
-    """The newest ``metrics.csv`` under ``run_dir`` with training rows, plus newer test-only ones.
+def _read_rows(path: Path) -> list[tuple[float, dict[str, float]]]:
+    """``(step, {key: value})`` for each row of a CSVLogger file with a step, finite values only."""
+    rows = []
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            step = _number(row.get("step"))
+            if step is not None:
+                values = {k: _number(t) for k, t in row.items() if k not in ("step", "epoch")}
+                rows.append((step, {k: v for k, v in values.items() if v is not None}))
+    return rows
 
-    ``adai-lightning test --ckpt_path ...`` into the same run directory writes a second CSV holding
-    only ``test/*`` columns; it belongs to the same run and is merged in.
+
+def _stage(key: str) -> str | None:
+    match = STAGE_KEY.match(key)
+    return STAGES[match.group(1)] if match else None
+
+
+def _is_fit(rows: list[tuple[float, dict[str, float]]]) -> bool:
+    return any(_stage(key) == "train" for _, row in rows for key in row)
+
+
+def find_metrics(run_dir: Path) -> list[Path]:
+    """The newest ``metrics.csv`` under ``run_dir`` with training rows, the fits it resumed, and newer
+    test-only ones.
+
+    A fit resumed with ``--ckpt_path last`` logs into a new CSV whose first step is that of its
+    checkpoint; the previous training CSVs it continues are taken too, oldest first. ``adai-lightning
+    test --ckpt_path ...`` into the same run directory writes a CSV holding only test columns; it
+    belongs to the same run and is merged in.
     """
     candidates = sorted(Path(run_dir).rglob("metrics.csv"), key=lambda p: p.stat().st_mtime)
     if not candidates:
         raise FileNotFoundError(f"No metrics.csv under {run_dir}: point report at a run's default_root_dir "
                                 "(a run logged with lightning's CSVLogger)")
     header = {p: (p.read_text().splitlines() or [""])[0].split(",") for p in candidates}
-    trained = [p for p in candidates if any(k.startswith("train/") for k in header[p])]
+    trained = [p for p in candidates if any(_stage(k) == "train" for k in header[p])]
     if not trained:
         return candidates[-1:]
-    fit = trained[-1]
-    later_tests = [p for p in candidates[candidates.index(fit) + 1:]
-                   if all(k in ("epoch", "step") or k.startswith("test/") for k in header[p])]
-    return [fit, *later_tests]
+    fits = [trained[-1]]
+    while len(fits) < len(trained) and min((s for s, _ in _read_rows(fits[0])), default=0.0) > 0:
+        fits.insert(0, trained[-1 - len(fits)])
+    later_tests = [p for p in candidates[candidates.index(fits[-1]) + 1:]
+                   if all(k in ("epoch", "step") or _stage(k) == "test" for k in header[p])]
+    return [*fits, *later_tests]
 
 
 def missing_panel(ax, what: str) -> None:
@@ -109,53 +147,79 @@ def _plot_keys(ax, metrics: Metrics, keys: dict[str, str], **style) -> bool:
     return drawn
 
 
+STAGES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+#: ``<stage>/<name>`` or ``<stage>_<name>``: ``train/loss``, ``train_loss_step``, ``val/g_loss``, ``test_acc``...
+STAGE_KEY = re.compile(r"^(train|val|valid|validation|test)[/_](.+)$")
+
+
+def stage_keys(metrics: Metrics, word: str) -> dict[str, str]:
+    """The logged ``<stage>/<name>`` or ``<stage>_<name>`` keys whose name contains ``word`` (``loss``,
+    ``acc``), train first, then val, then test, each labelled with itself."""
+    order = ("train", "val", "test")
+    found = sorted((order.index(_stage(key)), natural_key(key), key) for key in metrics.series
+                   if _stage(key) and word in STAGE_KEY.match(key).group(2))
+    return {key: key for *_, key in found}
+
+
 def plot_loss(ax, metrics: Metrics) -> None:
-    keys = {"train/loss_step": "train (step)", "train/loss_epoch": "train (epoch)", "train/loss": "train",
-            "val/loss": "val", "test/loss": "test"}
+    keys = stage_keys(metrics, "loss") or ({"loss": "loss"} if metrics.has("loss") else {})
     if not _plot_keys(ax, metrics, keys):
-        return missing_panel(ax, "train/loss, val/loss")
-    ax.set_yscale("log")
+        return missing_panel(ax, "train/loss, val/loss (or train_loss, ...)")
+    if all(v > 0 for key in keys for v in metrics.xy(key)[1]):
+        ax.set_yscale("log")
     ax.set_title("Loss")
     ax.legend(fontsize=8)
 
 
 def plot_accuracy(ax, metrics: Metrics) -> None:
-    keys = {"train/acc": "train", "val/acc": "val", "test/acc": "test"}
-    if not _plot_keys(ax, metrics, keys):
+    if not _plot_keys(ax, metrics, stage_keys(metrics, "acc")):
         return missing_panel(ax, "train/acc, val/acc")
     ax.set_title("Accuracy")
     ax.legend(fontsize=8)
 
 
-def band_scopes(metrics: Metrics) -> tuple[str, list[str]]:
-    """The beta1 scopes to draw: weight parameters, else modules, else the global distribution."""
-    params = [n for n in metrics.scopes("inertia/param/") if not n.endswith("bias")]
-    for prefix, names in (("inertia/param/", params), ("inertia/module/", metrics.scopes("inertia/module/")),
-                          ("inertia/", ["global"] if metrics.has("inertia/global/q50") else [])):
-        if names:
-            if len(names) > MAX_BAND_LAYERS:  # keep first, last and evenly spaced layers in between
-                idx = {round(i * (len(names) - 1) / (MAX_BAND_LAYERS - 1)) for i in range(MAX_BAND_LAYERS)}
-                names = [names[i] for i in sorted(idx)]
-            return prefix, names
-    return "", []
+def optimizer_prefixes(metrics: Metrics) -> list[str]:
+    """``inertia/`` for one optimizer; ``inertia/<name>/`` (``opt0``, ...) for each of several."""
+    levels = {k.split("/")[1] for k in metrics.series if k.startswith("inertia/") and k.count("/") >= 3}
+    named = sorted(levels - {"param", "module", "global"}, key=natural_key)
+    return [f"inertia/{name}/" for name in named] or ["inertia/"]
+
+
+def band_scopes(metrics: Metrics) -> list[tuple[str, str]]:
+    """``(key prefix, label)`` of the beta1 bands to draw: per optimizer, its weight parameters, else its
+    modules, else its global distribution; at most ``MAX_BAND_LAYERS`` in all (first, last and evenly
+    spaced ones between, in natural layer order)."""
+    prefixes = optimizer_prefixes(metrics)
+    share = max(1, MAX_BAND_LAYERS // len(prefixes))
+    scopes = []
+    for opt in prefixes:
+        params = [n for n in metrics.scopes(opt + "param/") if not n.endswith("bias")]
+        modules = metrics.scopes(opt + "module/")
+        overall = ["global"] if metrics.has(opt + "global/q50") else []
+        level, names = next(((lvl, n) for lvl, n in (("param/", params), ("module/", modules), ("", overall)) if n),
+                            ("", []))
+        if len(names) > share:
+            names = [names[i] for i in sorted({round(i * (len(names) - 1) / max(share - 1, 1)) for i in range(share)})]
+        tag = "" if opt == "inertia/" else opt.split("/")[1] + ": "
+        scopes.extend((f"{opt}{level}{name}/", tag + name) for name in names)
+    return scopes
 
 
 def plot_inertia(ax, metrics: Metrics) -> None:
-    prefix, names = band_scopes(metrics)
-    if not names:
+    scopes = band_scopes(metrics)
+    if not scopes:
         return missing_panel(ax, "inertia/.../q05..q95 (InertiaMonitor)")
-    colors = [f"C{i}" for i in range(len(names))]
-    for name, color in zip(names, colors):
-        key = f"{prefix}{name}/"
-        for low, high, alpha in QUANTILE_BANDS[-1:] if len(names) > 2 else QUANTILE_BANDS:
+    bands = QUANTILE_BANDS[-1:] if len(scopes) > 2 else QUANTILE_BANDS
+    for i, (key, label) in enumerate(scopes):
+        color = f"C{i}"
+        for low, high, alpha in bands:
             if metrics.has(key + low) and metrics.has(key + high):
                 x, lo = metrics.xy(key + low)
                 _, hi = metrics.xy(key + high)
                 ax.fill_between(x, lo, hi, color=color, alpha=alpha, linewidth=0)
-        x, median = metrics.xy(key + "q50")
-        ax.plot(x, median, color=color, label=name, linewidth=1.5)
+        ax.plot(*metrics.xy(key + "q50"), color=color, label=label, linewidth=1.5)
     ax.set_ylim(-0.02, 1.02)
-    outer = ", q05-q95" if len(names) <= 2 else ""
+    outer = ", q05-q95" if len(scopes) <= 2 else ""
     ax.set_title(f"beta1 per layer: median, q25-q75{outer}")
     ax.legend(fontsize=7, loc="lower right")
 
@@ -167,20 +231,29 @@ def plot_sharpness(ax, metrics: Metrics) -> None:
     ax.plot(x, lam, color="C0", marker=".", label="lambda_max")
     if metrics.has("sharpness/lambda_2"):
         ax.plot(*metrics.xy("sharpness/lambda_2"), color="C0", alpha=0.4, linestyle="--", label="lambda_2")
-    if metrics.has("sharpness/lambda_max_x_lr"):  # 2/lr = 2 * lambda_max / (lambda_max * lr)
-        lam_by_step = dict(zip(x, lam))
-        points = [(s, 2 * lam_by_step[s] / v) for s, v in zip(*metrics.xy("sharpness/lambda_max_x_lr"))
-                  if s in lam_by_step and v > 0]
-        if points:
-            ax.plot(*zip(*points), color="C3", linestyle=":", label="2 / lr (GD stability edge)")
     if all(v > 0 for v in lam):
         ax.set_yscale("log")
-    ax.set_title("Sharpness (top Hessian eigenvalue)")
+    ax.set_title("Sharpness (top Hessian eigenvalues)")
     ax.legend(fontsize=8)
 
 
-def plateau_spans(steps: list[float], flags: list[float]) -> list[tuple[float, float]]:
-    """``(first, end)`` step ranges where the plateau flag is on; a span ends at the next sample."""
+def plot_stability(ax, metrics: Metrics) -> None:
+    """``sharpness/stability_ratio``: the optimizer's own edge of stability is 1.0 (for GD, momentum SGD,
+    Adam and Adai alike), so one line at 1 replaces the 2/lr line, which held for plain GD only."""
+    if not metrics.has("sharpness/stability_ratio"):
+        return missing_panel(ax, "sharpness/stability_ratio (HessianSharpness)")
+    x, ratio = metrics.xy("sharpness/stability_ratio")
+    ax.plot(x, ratio, color="C4", marker=".", label="stability ratio")
+    ax.axhline(1.0, color="C3", linestyle=":", label="edge of stability (1.0)")
+    if all(v > 0 for v in ratio):
+        ax.set_yscale("log")
+    ax.set_title("Stability ratio (above 1: past the edge)")
+    ax.legend(fontsize=8)
+
+
+def plateau_spans(steps: list[float], flags: list[float], escapes: Sequence[float] = ()) -> list[tuple[float, float]]:
+    """``(first, end)`` step ranges where the plateau flag is on; a span ends at the next sample, and is
+    split at every escape step inside it, so that an escape marker is never drawn inside a plateau."""
     spans, start = [], None
     for step, flag in zip(steps, flags):
         if flag > 0.5 and start is None:
@@ -190,6 +263,8 @@ def plateau_spans(steps: list[float], flags: list[float]) -> list[tuple[float, f
             start = None
     if start is not None:
         spans.append((start, steps[-1]))
+    for escape in escapes:
+        spans = [part for a, b in spans for part in (((a, escape), (escape, b)) if a < escape < b else ((a, b),))]
     return spans
 
 
@@ -200,28 +275,38 @@ def plot_saddle(ax, metrics: Metrics) -> None:
     ax.plot(x, norm, color="C0", label="grad norm")
     if all(v > 0 for v in norm):
         ax.set_yscale("log")
-    for i, (start, end) in enumerate(plateau_spans(*metrics.xy("saddle/plateau"))):
+    escapes = metrics.xy("saddle/escape_steps")[0]
+    for i, (start, end) in enumerate(plateau_spans(*metrics.xy("saddle/plateau"), escapes)):
         ax.axvspan(start, end, color="0.6", alpha=0.3, label="plateau" if i == 0 else None)
-    for i, step in enumerate(metrics.xy("saddle/escape_steps")[0]):
+    for i, step in enumerate(escapes):
         ax.axvline(step, color="C3", linestyle="--", linewidth=1, label="escape" if i == 0 else None)
-    twin_keys = {"saddle/lambda_min": "lambda_min", "saddle/negative_ratio": "negative ratio"}
-    if any(metrics.has(k) for k in twin_keys):
+    if metrics.has("saddle/lambda_min"):
         twin = ax.twinx()
-        for color, (key, label) in zip(("C2", "C1"), twin_keys.items()):
-            if metrics.has(key):
-                twin.plot(*metrics.xy(key), color=color, label=label, alpha=0.8, linewidth=1)
+        twin.plot(*metrics.xy("saddle/lambda_min"), color="C2", label="lambda_min", alpha=0.8, linewidth=1)
         twin.axhline(0, color="0.5", linewidth=0.5)
         twin.legend(fontsize=7, loc="upper right")
     ax.set_title(f"Saddle indicators ({int(metrics.last('saddle/escapes') or 0)} escapes)")
     ax.legend(fontsize=7, loc="upper left")
 
 
-PANELS = (plot_loss, plot_accuracy, plot_inertia, plot_sharpness, plot_saddle)
+def plot_negative_ratio(ax, metrics: Metrics) -> None:
+    """``saddle/negative_ratio`` (|lambda_min| / lambda_max, in [0, 1]) on its own axis."""
+    if not metrics.has("saddle/negative_ratio"):
+        return missing_panel(ax, "saddle/negative_ratio (SaddleEscapeMonitor)")
+    ax.plot(*metrics.xy("saddle/negative_ratio"), color="C1", label="|lambda_min| / lambda_max")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Negative curvature ratio")
+    ax.legend(fontsize=8)
+
+
+PANELS = (plot_loss, plot_accuracy, plot_inertia, plot_sharpness, plot_stability, plot_saddle,
+          plot_negative_ratio)
 
 
 def summary(metrics: Metrics) -> dict[str, float]:
     """Final values of the headline metrics that were logged."""
-    keys = ("test/acc", "test/loss", "val/acc", "val/loss", "sharpness/lambda_max", "saddle/escapes")
+    keys = ("test/acc", "test/loss", "val/acc", "val/loss", "sharpness/lambda_max", "sharpness/stability_ratio",
+            "saddle/escapes")
     return {k: metrics.last(k) for k in keys if metrics.has(k)}
 
 
@@ -237,7 +322,7 @@ def render(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     sources = find_metrics(run_dir)
     metrics = Metrics.read(sources)
-    fig, axes = plt.subplots(2, 3, figsize=(16, 9), constrained_layout=True)
+    fig, axes = plt.subplots(2, 4, figsize=(21, 9), constrained_layout=True)
     for panel, ax in zip(PANELS, axes.flat):
         panel(ax, metrics)
         ax.set_xlabel("step")

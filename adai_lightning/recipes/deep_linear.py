@@ -24,8 +24,8 @@ class TeacherRegressionDataModule(SplitDataModule):
 
     def __init__(self, dim: int = 10, singular_values: Sequence[float] = (5.0, 2.0, 0.8, 0.3),
                  num_train: int = 4096, num_val: int = 1024, batch_size: int = 64, seed: int = 0,
-                 num_workers: int = 0) -> None:
-        super().__init__(batch_size, num_workers)
+                 num_workers: int = 0, shuffle_seed: int | None = None) -> None:
+        super().__init__(batch_size, num_workers, shuffle_seed)
         if not 0 < len(singular_values) <= dim:
             raise ValueError(f"Invalid singular_values: {list(singular_values)}; give 1 to dim={dim} values")
         if min(num_train, num_val) < 1:

@@ -19,8 +19,8 @@ class DigitsDataModule(SplitDataModule):
     input_shape = (1, 8, 8)
 
     def __init__(self, batch_size: int = 64, val_fraction: float = 0.15, test_fraction: float = 0.15,
-                 split_seed: int = 0, num_workers: int = 0) -> None:
-        super().__init__(batch_size, num_workers)
+                 split_seed: int = 0, num_workers: int = 0, shuffle_seed: int | None = None) -> None:
+        super().__init__(batch_size, num_workers, shuffle_seed)
         if not (0 < val_fraction and 0 < test_fraction and val_fraction + test_fraction < 1):
             raise ValueError(
                 f"Invalid val_fraction={val_fraction}, test_fraction={test_fraction}: both must be > 0 "

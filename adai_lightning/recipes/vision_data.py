@@ -31,10 +31,11 @@ class CIFARDataModule(SplitDataModule):
 
     dataset_name = "CIFAR10"
     num_classes = 10
+    augmented = True  # random crops and flips, drawn per item from (seed, epoch, index)
 
     def __init__(self, root: str = "data", batch_size: int = 128, download: bool = False,
-                 num_workers: int = 4) -> None:
-        super().__init__(batch_size, num_workers)
+                 num_workers: int = 4, shuffle_seed: int | None = None) -> None:
+        super().__init__(batch_size, num_workers, shuffle_seed)
         self.root = Path(root).expanduser()
         self.download = download
 
@@ -94,8 +95,11 @@ class ImageFolderDataModule(SplitDataModule):
     ``crop_size * 8/7`` and a centre crop for validation and test (the val split serves both).
     """
 
-    def __init__(self, root: str, batch_size: int = 256, crop_size: int = 224, num_workers: int = 8) -> None:
-        super().__init__(batch_size, num_workers)
+    augmented = True  # random-resized crops and flips, drawn per item from (seed, epoch, index)
+
+    def __init__(self, root: str, batch_size: int = 256, crop_size: int = 224, num_workers: int = 8,
+                 shuffle_seed: int | None = None) -> None:
+        super().__init__(batch_size, num_workers, shuffle_seed)
         if crop_size < 8:
             raise ValueError(f"Invalid crop_size: {crop_size}; it must be >= 8")
         self.root = Path(root).expanduser()
