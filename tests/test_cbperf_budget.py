@@ -32,7 +32,7 @@ class FakeClock:
 def no_training_time(callback, clock=None):
     """Give ``callback``'s budget a clock on which training takes no time and each run 1 s, and a
     first run estimated to be free: the first candidate point runs, then the budget allows nothing."""
-    callback.estimated_cost = lambda step_seconds: 0.0
+    callback.estimated_cost = lambda trainer, step_seconds: 0.0
     clock = callback.budget.clock = clock or FakeClock()
     run = callback.on_cadence
 
@@ -122,7 +122,7 @@ class FakeTrainer:
 
 def test_the_decision_is_rank_zeros_and_broadcast_only_at_candidate_points():
     callback = HessianSharpness()
-    callback.estimated_cost = lambda step_seconds: 0.0
+    callback.estimated_cost = lambda trainer, step_seconds: 0.0
     callback.budget.clock = FakeClock()  # no training time: locally, only a first run estimated free is allowed
     strategy = Strategy([(True, None), (True, None), (False, 40)])
     trainer = FakeTrainer(strategy)
@@ -144,7 +144,7 @@ def test_default_cadence_measures_nothing_on_a_fit_too_short_to_pay_for_it_and_s
     mean step time): 30 steps at a 1.5 % budget cannot pay for 20 products."""
     callbacks = [HessianSharpness(), SaddleEscapeMonitor()]
     assert [callback.products_per_point() for callback in callbacks] == [20, 21]
-    assert callbacks[0].estimated_cost(0.01) == pytest.approx(HVP_COST_IN_STEPS * 20 * 0.01)
+    assert callbacks[0].estimated_cost(None, 0.01) == pytest.approx(HVP_COST_IN_STEPS * 20 * 0.01)
     with pytest.warns(UserWarning, match="measured nothing in this fit.*every_n_train_steps"):
         rows = read_metrics(fit(Net(), callbacks, tmp_path, max_steps=30))
     assert not column(rows, "sharpness/lambda_max") and not column(rows, "saddle/lambda_min")
@@ -155,7 +155,7 @@ def test_default_cadence_measures_nothing_on_a_fit_too_short_to_pay_for_it_and_s
 def test_a_first_run_estimated_free_comes_at_step_10_or_the_last_step_of_a_shorter_fit(tmp_path):
     callbacks = [HessianSharpness(), SaddleEscapeMonitor()]
     for callback in callbacks:
-        callback.estimated_cost = lambda step_seconds: 0.0
+        callback.estimated_cost = lambda trainer, step_seconds: 0.0
     trainer = fit(Net(), callbacks, tmp_path / "short", max_steps=4)
     rows = read_metrics(trainer)
     assert [step for step, _ in column(rows, "sharpness/lambda_max")] == [3]  # the last step of a shorter fit

@@ -92,7 +92,8 @@ def test_callbacks_leave_training_bitwise_unchanged(tmp_path, optimizer, train_m
     plain = seeded(Net, optimizer)
     reference = fit(plain, [], tmp_path / "plain", accumulate_grad_batches=accumulate)
     watched = seeded(Net, optimizer)
-    callbacks = [HessianSharpness(every_n_train_steps=3, top_k=2, trace_samples=3, num_batches=2, train_mode=train_mode),
+    callbacks = [HessianSharpness(every_n_train_steps=3, top_k=2, trace_samples=3, num_samples=32,
+                                  train_mode=train_mode),
                  SaddleEscapeMonitor(every_n_train_steps=2, plateau_window=4, lanczos_iters=6, train_mode=train_mode)]
     trainer = fit(watched, callbacks, tmp_path / "watched", accumulate_grad_batches=accumulate)
     assert_bitwise_equal(snapshot(reference, plain), snapshot(trainer, watched))
@@ -110,11 +111,14 @@ def test_callbacks_leave_training_bitwise_unchanged(tmp_path, optimizer, train_m
 def test_lambda_max_matches_direct_lanczos_on_the_given_loader(tmp_path):
     module = Net()
     probe_loader = DataLoader(digits_like(32, seed=5), batch_size=16)
-    callback = HessianSharpness(every_n_train_steps=4, top_k=3, lanczos_iters=60, dataloader=probe_loader, num_batches=2)
+    callback = HessianSharpness(every_n_train_steps=4, top_k=3, lanczos_iters=60, dataloader=probe_loader,
+                                num_samples=32, train_mode=False)
     trainer = fit(module, [callback], tmp_path, max_steps=4)
     logged = dict(column(read_metrics(trainer), "sharpness/lambda_max"))[3]
     module.eval()
-    batches = list(probe_loader)
+    indices = callback.probe.records[""].indices
+    assert sorted(indices) == list(range(32))  # all 32 samples, in a seeded order, in two batches of 16
+    batches = [probe_loader.dataset[indices[:16]], probe_loader.dataset[indices[16:]]]
     operator = HessianOperator(list(module.parameters()),
                                lambda b: nn.functional.cross_entropy(module.body(b[0]), b[1]), batches)
     dense = torch.stack([operator(e) for e in torch.eye(operator.dim)])
@@ -155,7 +159,7 @@ def test_without_double_backward_warns_once_and_training_continues(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,name", [({"top_k": 0}, "top_k"), ({"method": "qr"}, "method"),
-                                         ({"num_batches": 0}, "num_batches"), ({"on_error": "ignore"}, "on_error"),
+                                         ({"num_samples": 0}, "num_samples"), ({"on_error": "ignore"}, "on_error"),
                                          ({"trace_samples": -1}, "trace_samples"),
                                          ({"trace_method": "exact"}, "trace_method"),
                                          ({"trace_method": "hutch++", "trace_samples": 2}, "trace_samples")])

@@ -36,3 +36,4 @@ def test_ddp_lambda_max_equals_single_process(tmp_path):
     result = json.loads(out.read_text())
     assert len(result["logged"]) == 1
     assert result["logged"][0] == pytest.approx(result["reference"], rel=1e-4)
+    assert result["same_subset"]

@@ -78,7 +78,7 @@ class CadencedCallback(Callback):
         """Compute and log; ``batch`` is the last training batch (None at an epoch end)."""
         raise NotImplementedError
 
-    def estimated_cost(self, step_seconds: float) -> float:
+    def estimated_cost(self, trainer: pl.Trainer, step_seconds: float) -> float:
         """Seconds one run is expected to take before any was timed, given the mean training step
         time; the budget plans the first run with it. Subclasses with a budgeted cadence override it."""
         return 0.0
@@ -100,7 +100,7 @@ class CadencedCallback(Callback):
         if self._next_check is None or step < self._next_check:
             return False
         if self.budget.runs == 0:  # nothing timed yet: plan with the estimate
-            self.budget.last_cost = self.estimated_cost(self.budget.training / step)
+            self.budget.last_cost = self.estimated_cost(trainer, self.budget.training / step)
         run = self.budget.allows()
         later = None if run else step + self.budget.steps_until_allowed(step)
         run, later = trainer.strategy.broadcast((run, later), src=0)

@@ -1,33 +1,43 @@
-"""The fixed evaluation subset and side-effect isolation shared by the Hessian callbacks.
+"""The Hessian probe: the contract between the Hessian callbacks and a user's LightningModule.
 
-``HessianProbe`` collects the first ``num_batches`` batches once (from a loader the user gives or
-from a fresh iterator over the trainer's train loader), caches them on the module's device, and
-evaluates curvature on them without changing the training run:
+``HessianProbe`` evaluates curvature on a fixed, recorded evaluation subset without changing the
+training run (final parameters, buffers, optimizer state, logged metrics, torchmetrics states and
+every RNG bitwise identical with and without the callbacks):
 
-- the loss is ``loss_fn(module, batch)``; the default calls ``module.training_step(batch, 0)``
-  with ``module.log``/``module.log_dict`` replaced by no-ops on the instance for the duration (so
-  the step's own logging does not record the probe's losses), and takes the tensor or its
-  ``"loss"`` entry;
-- modules are put in eval mode (``train_mode=False``, default: BatchNorm uses its running
-  statistics, dropout is off), and each module's mode is restored afterwards;
-- every buffer (BatchNorm running statistics, ``num_batches_tracked``) is copied back afterwards;
-- the global torch RNG (CPU and the module's CUDA device) is restored (``torch.random.fork_rng``),
-  and reseeded with ``seed`` before every batch so that with ``train_mode=True`` dropout draws
-  the same mask in every Hessian-vector product (the operator stays one fixed matrix);
-- only ``torch.autograd.grad`` is used: parameter ``.grad`` fields are never touched.
+- the subset: ``num_samples`` samples of the train loader's *dataset*, chosen by index from a
+  generator seeded with ``seed`` and collated into batches of the loader's ``batch_size``
+  (:mod:`~adai_lightning.callbacks._probe_subset`); the train loader, its sampler and generator are
+  never iterated. The chosen indices are saved in the callback's checkpoint state and reused after
+  a resume. It is taken once, at the first cadence point, with the RNGs seeded by ``seed`` (random
+  transforms in the dataset give the same samples every time), and kept on the module's device;
+- the loss of a batch is ``loss_fn(module, batch)`` if given, else ``training_step`` called with
+  the arguments its signature takes (``batch_idx=0``) inside the isolation context of
+  :mod:`~adai_lightning.callbacks._probe_isolation` (no logging, inert optimizers and
+  ``manual_backward``, torchmetrics states kept, RNGs, modes and buffers restored, math SDPA,
+  compiled code run eagerly);
+- ``train_mode=True`` (default): modules stay in the modes training runs them in (BatchNorm with
+  batch statistics: the objective actually optimized), with the RNG reseeded to ``seed`` before
+  every batch so that dropout draws the same mask in every Hessian-vector product (the operator
+  stays one fixed matrix); ``train_mode=False``: eval mode (running statistics, no dropout);
+- only ``torch.autograd.grad`` is used: parameter ``.grad`` fields are never touched;
 - the operator lives for one cadence point only (a ``with`` block): its kept first-order graph
   (automatic reuse, one batch) is freed afterwards, so no memory is held between cadence points.
 
-Under ``torch.distributed`` each rank keeps its own loader's first batches (its sampler's share),
-HVPs and gradients are summed across ranks explicitly, and the operator is the Hessian of the
-mean over all ranks' batches: the single-process Hessian of the same data, identical on every rank.
+The operator is the Hessian of the sample-weighted mean of the batch losses (each batch weighs its
+share of the subset's samples). Under ``torch.distributed`` every rank forms the same batches and
+takes every ``world_size``-th of them (rank ``r``: batches ``r, r + W, ...``); HVPs and gradients
+are summed across ranks explicitly, so the operator is the single-process Hessian of the same
+subset, identical on every rank.
+
+When the loss cannot be evaluated or differentiated twice, the probe raises (``on_error="raise"``)
+or warns once, naming the cause and the fix, and disables itself; training continues.
 """
 
 from __future__ import annotations
 
-import contextlib
+import math
 import warnings
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -36,10 +46,15 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor
 
 from adai_lightning.callbacks._cadence import CadencedCallback
+from adai_lightning.callbacks._probe_isolation import StepRecorder, isolated, step_loss
+from adai_lightning.callbacks._probe_subset import (ProbeBatch, ProbeError, SubsetRecord, evaluation_batches,
+                                                    expected_batches)
 from adai_lightning.curvature import HessianOperator
 
 LossFn = Callable[[Any, Any], Tensor]
 Result = TypeVar("Result")
+#: The default evaluation subset: 256 samples (four batches of the default recipe's 64).
+DEFAULT_NUM_SAMPLES = 256
 
 
 def check_int(name: str, value: Any, minimum: int) -> None:
@@ -54,133 +69,161 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"Invalid {name}: {value!r}; it must be one of {', '.join(map(repr, choices))}")
 
 
-def training_step_loss(module: Any, batch: Any) -> Tensor:
-    """The loss ``module.training_step(batch, 0)`` returns (a tensor or a dict with ``"loss"``)."""
-    output = module.training_step(batch, 0)
-    loss = output["loss"] if isinstance(output, dict) else output
-    if not isinstance(loss, Tensor):
-        raise TypeError(f"training_step returned {type(output).__name__}; pass loss_fn=... to the callback")
-    return loss
-
-
-@contextlib.contextmanager
-def _logging_suppressed(module: Any) -> Iterator[None]:
-    """Shadow ``module.log`` and ``module.log_dict`` with no-ops on the instance, then remove them."""
-    module.log = module.log_dict = lambda *args, **kwargs: None
-    try:
-        yield
-    finally:
-        del module.log, module.log_dict
-
-
 def _sum_across_ranks(vector: Tensor) -> Tensor:
     summed = vector.clone()
     dist.all_reduce(summed, op=dist.ReduceOp.SUM)
     return summed
 
 
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _seed_all(seed: int, device: torch.device) -> None:
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index or 0].manual_seed(seed)
+
+
+def _advice(error: BaseException) -> str:
+    """The fix for a failed Hessian computation, from its message."""
+    text = str(error)
+    if isinstance(error, ProbeError):
+        return text
+    if "double backward" in text or "second time" in text:
+        return (f"{text}. Some code cannot be differentiated twice (compiled code the probe could not run eagerly, "
+                "or a custom autograd Function): pass loss_fn=... computing the loss with eager, twice-"
+                "differentiable operations")
+    if "derivative for" in text and "not implemented" in text:
+        return (f"{text}. An operation has no second derivative: pass loss_fn=... computing the loss without it "
+                "(e.g. a twice-differentiable equivalent)")
+    return f"{text}. Pass loss_fn=... to compute the loss yourself, or on_error='raise' to see the traceback"
 
 
 class HessianProbe:
     """Builds a ``HessianOperator`` on the fixed subset and runs a computation on it in isolation."""
 
-    def __init__(self, owner: str, num_batches: int, dataloader: Any, loss_fn: LossFn | None, train_mode: bool,
+    def __init__(self, owner: str, num_samples: int, dataloader: Any, loss_fn: LossFn | None, train_mode: bool,
                  on_error: str, seed: int) -> None:
-        check_int("num_batches", num_batches, 1)
+        check_int("num_samples", num_samples, 1)
         check_choice("on_error", on_error, ("warn", "raise"))
         check_int("seed", seed, 0)
+        if not isinstance(train_mode, bool):
+            raise ValueError(f"Invalid train_mode: {train_mode!r}; it must be True or False")
         if loss_fn is not None and not callable(loss_fn):
             raise ValueError(f"Invalid loss_fn: {loss_fn!r}; it must be callable as loss_fn(module, batch)")
         self.owner = owner
-        self.num_batches = num_batches
+        self.num_samples = num_samples
         self.dataloader = dataloader
-        self.loss_fn = loss_fn or training_step_loss
-        self.train_mode = bool(train_mode)
+        self.loss_fn = loss_fn
+        self.train_mode = train_mode
         self.on_error = on_error
         self.seed = seed
         self.disabled = False
-        self._batches: list[Any] | None = None
+        #: The subset taken (or loaded from a checkpoint), per loader; None until the first cadence point.
+        self.records: dict[str, SubsetRecord] | None = None
+        self._batches: list[ProbeBatch] | None = None
+        self._recorder = StepRecorder()
 
     def generator(self) -> torch.Generator:
         """A CPU generator of the probe's own, seeded identically on every rank and every call."""
         return torch.Generator().manual_seed(self.seed)
 
-    def _collect(self, trainer: pl.Trainer, module: pl.LightningModule) -> list[Any]:
-        loader = self.dataloader if self.dataloader is not None else trainer.train_dataloader
-        if loader is None:
-            raise RuntimeError(f"{self.owner}: no train dataloader to take the evaluation batches from")
-        if getattr(loader, "persistent_workers", False) and getattr(loader, "num_workers", 0) > 0:
-            # iter() on such a loader resets the very iterator the training loop is consuming
-            raise RuntimeError(f"{self.owner}: the train loader has persistent workers; pass dataloader=... "
-                               "(a loader of its own) to take the evaluation batches from")
-        batches = []
-        for batch in loader:
-            batches.append(move_data_to_device(batch, module.device))
-            if len(batches) == self.num_batches:
-                break
-        return batches
+    def _loaders(self, trainer: pl.Trainer | None) -> tuple[Any, str, bool]:
+        """The loaders to take the subset from, the CombinedLoader mode, and whether they are the trainer's."""
+        if self.dataloader is not None:
+            return self.dataloader, "max_size_cycle", False
+        loaders = trainer.train_dataloader if trainer is not None else None
+        if loaders is None:
+            raise ProbeError("no train dataloader to take the evaluation subset from; pass dataloader=...")
+        combined = trainer.fit_loop._combined_loader
+        return loaders, getattr(combined, "_mode", "max_size_cycle"), True
 
-    @contextlib.contextmanager
-    def _isolated(self, module: pl.LightningModule) -> Iterator[None]:
-        modes = [(m, m.training) for m in module.modules()]
-        buffers = [(b, b.detach().clone()) for b in module.buffers()]
-        devices = [module.device] if module.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices), _logging_suppressed(module), torch.enable_grad():
-            module.train(self.train_mode)
-            try:
-                yield
-            finally:
-                for submodule, training in modes:
-                    submodule.training = training
-                with torch.no_grad():
-                    for buffer, saved in buffers:
-                        buffer.copy_(saved)
+    def _collect(self, trainer: pl.Trainer | None, module: pl.LightningModule) -> list[ProbeBatch]:
+        """This rank's share of the subset, on the module's device (taken with the RNGs seeded by ``seed``)."""
+        loaders, mode, from_trainer = self._loaders(trainer)
+        _seed_all(self.seed, module.device)
+        batches, self.records = evaluation_batches(loaders, mode, self.num_samples, self.seed, self.records,
+                                                   from_trainer)
+        rank, world_size = _rank_and_world()
+        strategy = trainer.strategy if trainer is not None else None
+        moved = []
+        for batch in batches[rank::world_size]:
+            idx = batch.dataloader_idx or 0
+            data = strategy.batch_to_device(batch.data, dataloader_idx=idx) if strategy is not None \
+                else move_data_to_device(batch.data, module.device)
+            moved.append(batch._replace(data=data))
+        return moved
+
+    def expected_batches(self, trainer: pl.Trainer) -> int:
+        """Batches of the subset this rank evaluates (before it is taken: from the loaders' batch sizes)."""
+        if self._batches is not None:
+            return max(len(self._batches), 1)
+        try:
+            loaders = self._loaders(trainer)[0]
+        except ProbeError:
+            return 1
+        return max(math.ceil(expected_batches(loaders, self.num_samples) / _rank_and_world()[1]), 1)
+
+    def _batch_loss(self, module: pl.LightningModule, batch: ProbeBatch) -> Tensor:
+        _seed_all(self.seed, module.device)
+        if self.loss_fn is not None:
+            return self.loss_fn(module, batch.data)
+        return step_loss(module, batch.data, batch.dataloader_idx, self._recorder)
 
     def _operator(self, module: pl.LightningModule) -> HessianOperator:
-        world_size = _world_size()
+        reduce = _sum_across_ranks if _rank_and_world()[1] > 1 else None
+        return HessianOperator(module.parameters(), lambda batch: self._batch_loss(module, batch), self._batches,
+                               weights=[batch.weight for batch in self._batches], reduce=reduce)
 
-        def loss(batch: Any) -> Tensor:
-            torch.default_generator.manual_seed(self.seed)
-            if module.device.type == "cuda":
-                torch.cuda.default_generators[module.device.index or 0].manual_seed(self.seed)
-            return self.loss_fn(module, batch)
-
-        total = len(self._batches) * world_size
-        reduce = _sum_across_ranks if world_size > 1 else None
-        return HessianOperator(module.parameters(), loss, self._batches, total_batches=total, reduce=reduce)
-
-    def run(self, trainer: pl.Trainer, module: pl.LightningModule,
+    def run(self, trainer: pl.Trainer | None, module: pl.LightningModule,
             compute: Callable[[HessianOperator], Result]) -> Result | None:
         """``compute(operator)`` on the fixed subset, side-effect free; None once disabled.
 
         Any error of the computation (typically an op without double backward) is raised with
-        ``on_error="raise"``; otherwise it is reported in one warning and the probe disables itself.
+        ``on_error="raise"``; otherwise it is reported in one warning naming the fix and the probe
+        disables itself.
         """
         if self.disabled:
             return None
         try:
-            with self._isolated(module):
+            with isolated(module, self.train_mode, self._recorder):
                 if self._batches is None:
                     self._batches = self._collect(trainer, module)
                 with self._operator(module) as operator:  # frees the kept graph after this cadence point
                     return compute(operator)
-        except (RuntimeError, NotImplementedError, TypeError) as error:
+        except (RuntimeError, NotImplementedError, TypeError, ValueError) as error:
             if self.on_error == "raise":
                 raise
             self.disabled = True
-            warnings.warn(f"{self.owner} disabled itself: the Hessian computation failed ({error}); "
-                          "training continues. Pass on_error='raise' to stop instead.", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"{self.owner} disabled itself: {_advice(error)}. Training continues unchanged.",
+                          RuntimeWarning, stacklevel=2)
             return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The disabled flag and the subset taken (per loader key: its dataset indices, or a count of leading items)."""
+        records = None if self.records is None else {key: r.state_dict() for key, r in self.records.items()}
+        return {"disabled": self.disabled, "subset": records, "num_samples": self.num_samples, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.disabled = bool(state.get("disabled", False))
+        subset = state.get("subset")
+        self.records = None if subset is None else {key: SubsetRecord.from_state(r) for key, r in subset.items()}
+        self._batches = None  # taken again from the saved records at the next cadence point
 
 
 #: The Hessian callbacks' default budget: their own time at most 1.5 % of the training time.
 DEFAULT_MAX_OVERHEAD = 0.015
-#: A Hessian-vector product's cost in mean training steps, for planning the first measurement of a
-#: budgeted cadence: an HVP costs 2.2-2.9 forward+backward passes (docs/performance.md), and a
-#: training step more than one (optimizer, data, Lightning); about 1.6 on the default recipe.
+#: A Hessian-vector product's cost in mean training steps per batch of the subset, for planning the
+#: first measurement of a budgeted cadence: an HVP on one batch costs 2.2-2.9 forward+backward
+#: passes with its graph kept (docs/performance.md), and a training step more than one (optimizer,
+#: data, Lightning); about 1.6 on the default recipe.
 HVP_COST_IN_STEPS = 2.0
+#: With several batches the first-order graphs are not kept: each product redoes the forward and
+#: both backwards of every batch, 3.4-4x a forward+backward instead of 2.4-2.9x.
+REBUILT_GRAPH_FACTOR = 1.4
 
 
 class ProbedCallback(CadencedCallback):
@@ -189,21 +232,25 @@ class ProbedCallback(CadencedCallback):
     budgeted_cadence = True
 
     def __init__(self, every_n_train_steps: int | None, every_n_epochs: int | None, max_overhead: float | None,
-                 num_batches: int, dataloader: Any, loss_fn: LossFn | None, train_mode: bool, on_error: str,
+                 num_samples: int, dataloader: Any, loss_fn: LossFn | None, train_mode: bool, on_error: str,
                  seed: int) -> None:
         super().__init__(every_n_train_steps, every_n_epochs, max_overhead)
-        self.probe = HessianProbe(type(self).__name__, num_batches, dataloader, loss_fn, train_mode, on_error, seed)
+        self.probe = HessianProbe(type(self).__name__, num_samples, dataloader, loss_fn, train_mode, on_error, seed)
 
     def products_per_point(self) -> int:
         """Hessian-vector products (or gradients) one cadence point computes, at most."""
         raise NotImplementedError
 
-    def estimated_cost(self, step_seconds: float) -> float:
-        return HVP_COST_IN_STEPS * self.products_per_point() * self.probe.num_batches * step_seconds
+    def estimated_cost(self, trainer: pl.Trainer, step_seconds: float) -> float:
+        """Products per point x batches of the subset x :data:`HVP_COST_IN_STEPS` training steps
+        (x :data:`REBUILT_GRAPH_FACTOR` with several batches)."""
+        batches = self.probe.expected_batches(trainer)
+        factor = HVP_COST_IN_STEPS * (REBUILT_GRAPH_FACTOR if batches > 1 else 1.0)
+        return factor * self.products_per_point() * batches * step_seconds
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "disabled": self.probe.disabled}
+        return {**super().state_dict(), "probe": self.probe.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.probe.disabled = bool(state_dict.get("disabled", False))
+        self.probe.load_state_dict(state_dict.get("probe", {"disabled": state_dict.get("disabled", False)}))

@@ -7,8 +7,8 @@ from typing import Any
 import lightning.pytorch as pl
 
 from adai_lightning.callbacks._cadence import log_scalars
-from adai_lightning.callbacks._hessian_probe import (DEFAULT_MAX_OVERHEAD, LossFn, ProbedCallback, check_choice,
-                                                     check_int)
+from adai_lightning.callbacks._hessian_probe import (DEFAULT_MAX_OVERHEAD, DEFAULT_NUM_SAMPLES, LossFn,
+                                                     ProbedCallback, check_choice, check_int)
 from adai_lightning.curvature import (HessianOperator, default_lanczos_iters, hutch_plus_plus_trace,
                                       hutchinson_trace, lanczos_extremes, power_top_k)
 
@@ -31,22 +31,23 @@ class HessianSharpness(ProbedCallback):
     ``sharpness/trace`` and ``sharpness/trace_stderr`` (``trace_method`` "hutchinson" or "hutch++",
     Rademacher probes; Hutch++ needs ``trace_samples >= 3``).
 
-    Cost per cadence point, in Hessian-vector products (with one batch, the default, the first-order
-    graph is built once and each product is one more backward through it; with several, each redoes
-    a forward and a double backward per batch): ``lanczos_iters`` (default ``max(20, 3 top_k + 10)``)
+    Cost per cadence point, in Hessian-vector products (with a one-batch subset the first-order
+    graph is built once and each product is one more backward through it; with several batches, the
+    default, each product redoes a forward and a double backward per batch): ``lanczos_iters`` (default ``max(20, 3 top_k + 10)``)
     for Lanczos, at most ``top_k * power_iters`` for power iteration, plus ``trace_samples``.
 
-    The evaluation subset, the loss, eval mode and side-effect isolation are those of
+    The evaluation subset (``num_samples`` samples, fixed and checkpointed), the loss, train mode
+    (default; ``train_mode=False``: eval mode) and side-effect isolation are those of
     :class:`~adai_lightning.callbacks._hessian_probe.HessianProbe` (see docs/callbacks-curvature.md).
     """
 
     def __init__(self, every_n_train_steps: int | None = None, every_n_epochs: int | None = None,
-                 max_overhead: float | None = DEFAULT_MAX_OVERHEAD, num_batches: int = 1, top_k: int = 2,
-                 method: str = "lanczos", trace_samples: int = 0, trace_method: str = "hutchinson",
+                 max_overhead: float | None = DEFAULT_MAX_OVERHEAD, num_samples: int = DEFAULT_NUM_SAMPLES,
+                 top_k: int = 2, method: str = "lanczos", trace_samples: int = 0, trace_method: str = "hutchinson",
                  lanczos_iters: int | None = None,
                  power_iters: int = 100, dataloader: Any = None, loss_fn: LossFn | None = None,
-                 train_mode: bool = False, on_error: str = "warn", seed: int = 0) -> None:
-        super().__init__(every_n_train_steps, every_n_epochs, max_overhead, num_batches, dataloader, loss_fn,
+                 train_mode: bool = True, on_error: str = "warn", seed: int = 0) -> None:
+        super().__init__(every_n_train_steps, every_n_epochs, max_overhead, num_samples, dataloader, loss_fn,
                          train_mode, on_error, seed)
         check_int("top_k", top_k, 1)
         check_choice("method", method, ("lanczos", "power"))

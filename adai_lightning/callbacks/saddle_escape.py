@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,8 +13,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from adai_lightning.callbacks._cadence import log_scalars
-from adai_lightning.callbacks._hessian_probe import (DEFAULT_MAX_OVERHEAD, LossFn, ProbedCallback, check_choice,
-                                                     check_int)
+from adai_lightning.callbacks._hessian_probe import (DEFAULT_MAX_OVERHEAD, DEFAULT_NUM_SAMPLES, LossFn,
+                                                     ProbedCallback, check_choice, check_int)
 from adai_lightning.curvature import HessianOperator, flatten, lanczos, power_smallest, power_top_k
 from adai_lightning.curvature.eigen import random_unit
 
@@ -106,14 +107,21 @@ class SaddleEscapeMonitor(ProbedCallback):
     group is read, at the logger step of the batch that ended the plateau.
 
     Cadence: by default as often as ``max_overhead`` allows (see :class:`HessianSharpness`).
+
+    The plateau detector reads the loss ``training_step`` returned (the tensor or its ``"loss"``
+    entry). A step without one (``training_step`` returned None to skip the batch, or returned
+    nothing under manual optimization: Lightning passes ``{}``) adds nothing to it, with no extra
+    forward pass; a manual-optimization module that returns no loss therefore gets no
+    ``saddle/plateau`` or escape events (return the loss from ``training_step`` to get them),
+    while the curvature keys come from the probe as usual.
     """
 
     def __init__(self, every_n_train_steps: int | None = None, every_n_epochs: int | None = None,
-                 max_overhead: float | None = DEFAULT_MAX_OVERHEAD, plateau_window: int = 50, plateau_threshold: float = 0.01, num_batches: int = 1,
-                 method: str = "lanczos", lanczos_iters: int = 20, power_iters: int = 100, dataloader: Any = None,
-                 loss_fn: LossFn | None = None, train_mode: bool = False, on_error: str = "warn",
-                 seed: int = 0) -> None:
-        super().__init__(every_n_train_steps, every_n_epochs, max_overhead, num_batches, dataloader, loss_fn,
+                 max_overhead: float | None = DEFAULT_MAX_OVERHEAD, plateau_window: int = 50,
+                 plateau_threshold: float = 0.01, num_samples: int = DEFAULT_NUM_SAMPLES, method: str = "lanczos",
+                 lanczos_iters: int = 20, power_iters: int = 100, dataloader: Any = None, loss_fn: LossFn | None = None,
+                 train_mode: bool = True, on_error: str = "warn", seed: int = 0) -> None:
+        super().__init__(every_n_train_steps, every_n_epochs, max_overhead, num_samples, dataloader, loss_fn,
                          train_mode, on_error, seed)
         check_int("plateau_window", plateau_window, 2)
         if isinstance(plateau_threshold, bool) or not isinstance(plateau_threshold, (int, float)) \
@@ -153,7 +161,7 @@ class SaddleEscapeMonitor(ProbedCallback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if isinstance(loss, Tensor):
             logged_at = trainer.fit_loop.epoch_loop._batches_that_stepped
             self._pending.append((trainer.global_step, logged_at, loss.detach().float().reshape(())))

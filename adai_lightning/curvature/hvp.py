@@ -49,10 +49,13 @@ def unflatten(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
 
 
 class HessianOperator:
-    """``v -> H v`` for ``L = sum_b loss_fn(batch_b) / total_batches`` w.r.t. ``params``.
+    """``v -> H v`` for ``L = sum_b w_b loss_fn(batch_b)`` w.r.t. ``params``.
 
-    ``loss_fn(batch)`` returns the scalar mean loss of one batch; batches weigh equally, as the
-    epoch-mean loss of a loader does.  Vectors are flat, in the parameters' dtype and device.
+    ``loss_fn(batch)`` returns the scalar mean loss of one batch. The weights ``w_b`` are
+    ``weights`` if given (e.g. each batch's share of the samples, so that ``L`` is the mean over
+    samples when the last batch is smaller), else ``1 / total_batches`` (batches weigh equally, as
+    the epoch-mean loss of a loader does).  Under ``reduce`` a rank may hold no batch (it
+    contributes zeros).  Vectors are flat, in the parameters' dtype and device.
     ``reuse_graph``: True keeps every batch's first-order graph across products, False rebuilds
     it for each product, None (default) keeps it when there is a single batch.  Use the operator
     as a context manager (or call ``release()``) to free kept graphs.
@@ -60,17 +63,20 @@ class HessianOperator:
 
     def __init__(self, params: Sequence[Tensor], loss_fn: LossFn, batches: Sequence[Any],
                  total_batches: int | None = None, reduce: Reduce | None = None,
-                 reuse_graph: bool | None = None) -> None:
+                 reuse_graph: bool | None = None, weights: Sequence[float] | None = None) -> None:
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("Invalid params: no parameter requires a gradient")
-        if not batches:
+        if not batches and reduce is None:
             raise ValueError("Invalid batches: the list is empty")
         if reuse_graph not in (None, True, False):
             raise ValueError(f"Invalid reuse_graph: {reuse_graph!r}; it must be None, True or False")
+        if weights is not None and (total_batches is not None or len(weights) != len(batches)):
+            raise ValueError(f"Invalid weights: {len(weights)} for {len(batches)} batches (and not with total_batches)")
         self.loss_fn = loss_fn
         self.batches = list(batches)
         self.total_batches = len(self.batches) if total_batches is None else total_batches
+        self.weights = [1.0 / self.total_batches] * len(self.batches) if weights is None else list(weights)
         self.reduce = reduce
         self.reuse_graph = len(self.batches) == 1 if reuse_graph is None else reuse_graph
         self.dim = sum(p.numel() for p in self.params)
@@ -96,19 +102,19 @@ class HessianOperator:
         """Whether first-order graphs are kept (and not stale) right now."""
         return bool(self._graphs) and self._versions == [p._version for p in self.params]
 
-    def _batch_loss(self, batch: Any) -> Tensor:
-        loss = self.loss_fn(batch)
+    def _batch_loss(self, index: int) -> Tensor:
+        loss = self.loss_fn(self.batches[index])
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
-        return loss.reshape(()) / self.total_batches
+        return loss.reshape(()) * self.weights[index]
 
     def _sum_over_ranks(self, vector: Tensor) -> Tensor:
         return self.reduce(vector) if self.reduce is not None else vector
 
-    def _first_order(self, batch: Any) -> Grads:
+    def _first_order(self, index: int) -> Grads:
         """One batch's gradients with their graph (``create_graph=True``)."""
         self.num_graph_builds += 1
-        return torch.autograd.grad(self._batch_loss(batch), self.params, create_graph=True, allow_unused=True)
+        return torch.autograd.grad(self._batch_loss(index), self.params, create_graph=True, allow_unused=True)
 
     def _accumulate(self, total: Tensor | None, pieces: Sequence[Tensor | None]) -> Tensor:
         """``total + flatten(pieces)`` (None pieces are zeros), written into one flat buffer."""
@@ -131,7 +137,8 @@ class HessianOperator:
         if self.holds_graph:
             per_batch = [[None if g is None else g.detach() for g in grads] for grads in self._graphs]
         else:
-            per_batch = (torch.autograd.grad(self._batch_loss(b), self.params, allow_unused=True) for b in self.batches)
+            per_batch = (torch.autograd.grad(self._batch_loss(i), self.params, allow_unused=True)
+                         for i in range(len(self.batches)))
         total = None
         for grads in per_batch:
             total = self._accumulate(total, grads)
@@ -141,11 +148,11 @@ class HessianOperator:
         """Each batch's first-order gradients: the kept ones, or built now (and kept if reusing)."""
         if self.reuse_graph and not self.holds_graph:
             self.release()
-            self._graphs = [self._first_order(batch) for batch in self.batches]
+            self._graphs = [self._first_order(i) for i in range(len(self.batches))]
             self._versions = [p._version for p in self.params]
         if self.reuse_graph:
             return iter(self._graphs)
-        return (self._first_order(batch) for batch in self.batches)
+        return (self._first_order(i) for i in range(len(self.batches)))
 
     def __call__(self, vector: Tensor) -> Tensor:
         """``H @ vector``: one backward per batch through its first-order graph (built first if not kept)."""

@@ -34,7 +34,7 @@ class Recorded(pl.Callback):
     def setup(self, trainer, pl_module, stage):
         for callback in self.callbacks:
             clock = FrozenClock()
-            callback.estimated_cost = lambda step_seconds: 0.0
+            callback.estimated_cost = lambda trainer, step_seconds: 0.0
             if trainer.global_rank == 1:
                 callback.budget.clock = clock
             run, steps = callback.on_cadence, self.steps[type(callback).__name__]
@@ -50,7 +50,8 @@ class Recorded(pl.Callback):
 def main(out_path):
     generator = torch.Generator().manual_seed(1)
     dataset = TensorDataset(torch.randn(320, 5, generator=generator), torch.randint(0, 3, (320,), generator=generator))
-    callbacks = [HessianSharpness(max_overhead=1.0, top_k=1), SaddleEscapeMonitor(max_overhead=1.0)]
+    callbacks = [HessianSharpness(max_overhead=1.0, top_k=1, num_samples=16),
+                 SaddleEscapeMonitor(max_overhead=1.0, num_samples=16)]
     recorder = Recorded(callbacks)
     trainer = pl.Trainer(max_steps=40, accelerator="cpu", devices=2, strategy="ddp", callbacks=[*callbacks, recorder],
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,

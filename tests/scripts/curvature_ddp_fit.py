@@ -1,5 +1,6 @@
 """Fit a tiny model under 2-process CPU DDP with HessianSharpness; rank 0 writes the logged
-lambda_max and the single-process value on the same data (both ranks' first batches) to argv[1]."""
+lambda_max and the single-process value on the same data (the 16-sample evaluation subset, one
+batch of 8 per rank) to argv[1], and whether both ranks recorded the same subset."""
 
 import csv
 import json
@@ -34,25 +35,24 @@ def main(out_path, tmp_dir):
     generator = torch.Generator().manual_seed(1)
     dataset = TensorDataset(torch.randn(64, 5, generator=generator), torch.randint(0, 3, (64,), generator=generator))
     loader = DataLoader(dataset, batch_size=8, shuffle=False)
-    callback = HessianSharpness(every_n_train_steps=3, top_k=1, lanczos_iters=40)
+    callback = HessianSharpness(every_n_train_steps=3, top_k=1, lanczos_iters=40, num_samples=16)
     module = Net()
     trainer = pl.Trainer(max_steps=3, accelerator="cpu", devices=2, strategy="ddp", callbacks=[callback],
                          logger=pl.loggers.CSVLogger(tmp_dir), enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, loader)
-    # the indices of each rank's first batch, as its DistributedSampler drew them in epoch 0
-    first_batches = [None, None]
-    dist.all_gather_object(first_batches, list(trainer.train_dataloader.sampler)[:8])
+    subsets = [None, None]
+    dist.all_gather_object(subsets, callback.probe.records[""].indices)
     if trainer.is_global_zero:
         with open(f"{trainer.logger.log_dir}/metrics.csv") as handle:
             logged = [float(row["sharpness/lambda_max"]) for row in csv.DictReader(handle) if row["sharpness/lambda_max"]]
-        batches = [dataset[indices] for indices in first_batches]
+        batches = [dataset[subsets[0][:8]], dataset[subsets[0][8:]]]
         operator = HessianOperator(list(module.parameters()),
                                    lambda b: nn.functional.cross_entropy(module.body(b[0]), b[1]), batches)
         reference = lanczos_extremes(operator, operator.dim, 1, "largest", torch.Generator().manual_seed(0),
                                      operator.params[0], 40).values[0]
         with open(out_path, "w") as handle:
-            json.dump({"logged": logged, "reference": float(reference)}, handle)
+            json.dump({"logged": logged, "reference": float(reference), "same_subset": subsets[0] == subsets[1]}, handle)
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -1,0 +1,222 @@
+"""Running a user's ``training_step`` for the Hessian probe without changing the training run.
+
+:func:`isolated` is the context the probe evaluates losses in. Inside it, and undone on exit:
+
+- ``module.log`` / ``module.log_dict`` are no-ops (the probe's losses never reach the logs);
+- ``module.optimizers()`` and ``module.lr_schedulers()`` return stand-ins whose ``step`` /
+  ``zero_grad`` do nothing (a ``step(closure)`` runs the closure), ``manual_backward(loss)``
+  records the loss without a backward, and ``toggle_optimizer`` / ``untoggle_optimizer`` /
+  ``toggled_optimizer`` / ``clip_gradients`` do nothing: no optimizer step, no ``.grad`` change,
+  no ``requires_grad`` change, whatever the optimization style;
+- every torchmetrics ``Metric`` among the module's submodules keeps its state: the values of its
+  state tensors and lists and its bookkeeping (``update_count``, cached results) are restored in
+  place, so shared states (``MetricCollection`` compute groups) stay shared;
+- the global RNGs (torch CPU and CUDA, Python's ``random``, NumPy's) are restored;
+- every module's train/eval flag and every buffer (BatchNorm running statistics) are restored;
+- ``scaled_dot_product_attention`` runs its math backend (the fused kernels have no double
+  backward), and ``torch.compile``'d code runs eagerly (``torch.compiler.set_stance("force_eager")``:
+  compiled modules run their ``_orig_mod``; aot_autograd has no double backward).
+
+:func:`step_loss` calls ``training_step`` with the arguments its signature takes, as Lightning does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import random
+import sys
+from typing import Any, Iterator
+
+import torch
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+from torch import Tensor
+
+from adai_lightning.callbacks._probe_subset import ProbeError
+
+
+def _inert_step(self: Any, closure: Any = None, *args: Any, **kwargs: Any) -> Any:
+    return closure() if callable(closure) else None
+
+
+def _nothing(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+@functools.cache
+def _inert_class(cls: type) -> type:
+    """A subclass of ``cls`` whose ``step`` and ``zero_grad`` do nothing (``step(closure)`` runs the closure)."""
+    return type(f"Inert{cls.__name__}", (cls,), {"step": _inert_step, "zero_grad": _nothing, "__del__": _nothing})
+
+
+def inert(real: Any) -> Any:
+    """A stand-in for an optimizer or scheduler (or a list of them): an instance of a subclass of its class
+    (``isinstance`` checks pass) with a copy of its attributes (reads see the real values), whose
+    ``step`` and ``zero_grad`` do nothing; its own attribute writes do not reach the real object."""
+    if real is None:
+        return None
+    if isinstance(real, (list, tuple)):
+        return type(real)(inert(r) for r in real)
+    stand_in = object.__new__(_inert_class(type(real)))
+    stand_in.__dict__.update(real.__dict__)
+    return stand_in
+
+
+@contextlib.contextmanager
+def _nothing_context(*args: Any, **kwargs: Any) -> Iterator[None]:
+    yield
+
+
+@contextlib.contextmanager
+def _shadowed(obj: Any, attributes: dict[str, Any]) -> Iterator[None]:
+    """Set ``attributes`` on the instance (shadowing its methods), then put back what was there."""
+    missing = object()
+    saved = {name: obj.__dict__.get(name, missing) for name in attributes}
+    for name, value in attributes.items():
+        object.__setattr__(obj, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is missing:
+                obj.__dict__.pop(name, None)
+            else:
+                object.__setattr__(obj, name, value)
+
+
+class StepRecorder:
+    """The losses ``manual_backward`` received during one ``training_step`` call."""
+
+    def __init__(self) -> None:
+        self.losses: list[Tensor] = []
+
+    def manual_backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        self.losses.append(loss)
+
+
+def _module_shadows(module: Any, recorder: StepRecorder) -> dict[str, Any]:
+    real_optimizers, real_schedulers = module.optimizers, module.lr_schedulers
+
+    def optimizers(use_pl_optimizer: bool = True) -> Any:
+        return inert(real_optimizers(use_pl_optimizer))
+
+    def lr_schedulers() -> Any:
+        return inert(real_schedulers())
+
+    return {"log": _nothing, "log_dict": _nothing, "optimizers": optimizers, "lr_schedulers": lr_schedulers,
+            "manual_backward": recorder.manual_backward, "toggle_optimizer": _nothing,
+            "untoggle_optimizer": _nothing, "toggled_optimizer": _nothing_context, "clip_gradients": _nothing}
+
+
+def _metric_snapshot(metric: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The metric's attributes (shallow) and copies of the contents of its tensors and lists."""
+    attributes = dict(metric.__dict__)
+    contents = {name: value.detach().clone() if isinstance(value, Tensor) else list(value)
+                for name, value in attributes.items() if isinstance(value, (Tensor, list))}
+    return attributes, contents
+
+
+def _metric_restore(metric: Any, attributes: dict[str, Any], contents: dict[str, Any]) -> None:
+    for name in set(metric.__dict__) - set(attributes):
+        del metric.__dict__[name]
+    metric.__dict__.update(attributes)
+    for name, saved in contents.items():
+        value = attributes[name]
+        if isinstance(value, Tensor):
+            with torch.inference_mode(value.is_inference()), torch.no_grad():
+                value.copy_(saved)
+        else:
+            value[:] = saved
+
+
+@contextlib.contextmanager
+def _metrics_kept(module: torch.nn.Module) -> Iterator[None]:
+    try:
+        from torchmetrics import Metric
+    except ImportError:  # no torchmetrics, no metric to keep
+        yield
+        return
+    snapshots = [(m, *_metric_snapshot(m)) for m in module.modules() if isinstance(m, Metric)]
+    try:
+        yield
+    finally:
+        for metric, attributes, contents in snapshots:
+            _metric_restore(metric, attributes, contents)
+
+
+@contextlib.contextmanager
+def _host_rngs_kept() -> Iterator[None]:
+    """Python's and (if imported) NumPy's global RNG states, restored on exit."""
+    numpy = sys.modules.get("numpy")
+    python_state = random.getstate()
+    numpy_state = numpy.random.get_state() if numpy is not None else None
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        if numpy is not None:
+            numpy.random.set_state(numpy_state)
+
+
+@contextlib.contextmanager
+def _modes_and_buffers_kept(module: torch.nn.Module) -> Iterator[None]:
+    modes = [(m, m.training) for m in module.modules()]
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        for submodule, training in modes:
+            submodule.training = training
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+
+
+def _twice_differentiable() -> contextlib.ExitStack:
+    """Math SDPA backend and eager execution of compiled code, for double backward."""
+    stack = contextlib.ExitStack()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+    stack.enter_context(torch.compiler.set_stance("force_eager"))
+    return stack
+
+
+@contextlib.contextmanager
+def isolated(module: torch.nn.Module, train_mode: bool, recorder: StepRecorder) -> Iterator[None]:
+    """The probe's isolation context (see the module docstring); ``train_mode=False`` puts modules in eval mode,
+    ``True`` leaves them as training runs them."""
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    devices = [device] if device.type == "cuda" else []
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=devices))
+        stack.enter_context(_host_rngs_kept())
+        stack.enter_context(_modes_and_buffers_kept(module))
+        stack.enter_context(_metrics_kept(module))
+        stack.enter_context(_shadowed(module, _module_shadows(module, recorder)))
+        stack.enter_context(_twice_differentiable())
+        stack.enter_context(torch.enable_grad())
+        if not train_mode:
+            module.eval()
+        yield
+
+
+def step_loss(module: Any, batch: Any, dataloader_idx: int | None, recorder: StepRecorder) -> Tensor:
+    """The loss of ``training_step`` on ``batch`` (``batch_idx=0``), called with the arguments its
+    signature takes. Under manual optimization it is the loss given to ``manual_backward``."""
+    step = getattr(module, "_compiler_ctx", None) or {}
+    step = step.get("original_training_step", module.training_step)
+    args: list[Any] = [batch]
+    if is_param_in_hook_signature(step, "batch_idx", min_args=2):
+        args.append(0)
+        if dataloader_idx is not None and is_param_in_hook_signature(step, "dataloader_idx", min_args=3):
+            args.append(dataloader_idx)
+    recorder.losses = []
+    output = step(*args)
+    if len(recorder.losses) > 1:
+        raise ProbeError(f"training_step calls manual_backward {len(recorder.losses)} times per step (several "
+                         "optimizers?), so the loss to differentiate is ambiguous; pass loss_fn=... to the callback")
+    loss = recorder.losses[0] if recorder.losses else output.get("loss") if isinstance(output, dict) else output
+    if not isinstance(loss, Tensor):
+        raise ProbeError(f"training_step returned {type(output).__name__} and called no manual_backward on the "
+                         "evaluation batch; pass loss_fn=... to the callback")
+    return loss
