@@ -18,11 +18,16 @@ from __future__ import annotations
 
 import math
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from adai_lightning import Adai
+from adai_lightning.callbacks import HessianSharpness
 from adai_lightning.curvature.stability import linearised_step, stability_ratio
+from test_curvature_callbacks import column, read_metrics
 
 DIM = 6
 SECOND_MOMENT = torch.tensor([0.2, 0.5, 1.0, 1.5, 2.0, 2.8], dtype=torch.float64)  # Adai beta1 0.985 .. 0.79
@@ -147,3 +152,63 @@ def test_unknown_optimizer_unheld_parameters_and_bad_lrs():
     assert step.scale.tolist() == pytest.approx([0.1] * 3 + [0.0] * 2) and step.uniform() is None
     with pytest.raises(ValueError, match="Invalid lrs: 2 values for 1 param groups"):
         linearised_step(torch.optim.SGD([x], lr=0.1), [x], lrs=[0.1, 0.2])
+
+
+class Regression(pl.LightningModule):
+    """A linear least-squares model on 32 fixed samples; an epoch-level scheduler zeroes lr after epoch 0."""
+
+    def __init__(self, optimizer: str):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.Linear(4, 2)
+        self.optimizer = optimizer
+
+    def training_step(self, batch, batch_idx):
+        inputs, targets = batch
+        return nn.functional.mse_loss(self.layer(inputs), targets)
+
+    def configure_optimizers(self):
+        optimizer = Adai(self.parameters(), lr=0.5) if self.optimizer == "adai" else \
+            torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        return [optimizer], [torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 0.0 if epoch >= 1 else 1.0)]
+
+
+@pytest.mark.parametrize("name", ["sgd", "adai"])
+def test_hessian_sharpness_logs_the_ratio_with_the_lr_the_last_step_used(tmp_path, name):
+    """Checked against a dense float64 Hessian and the optimizer's own state; the epoch-end scheduler
+    step that zeroes lr runs before the epoch-end cadence point, so a ratio read from the current lr
+    would be 0."""
+    generator = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(32, 4, generator=generator), torch.randn(32, 2, generator=generator))
+    module = Regression(name)
+    callback = HessianSharpness(every_n_epochs=1, num_samples=32, top_k=1)
+    captured = {}
+
+    class Capture(pl.Callback):  # the optimizer's state and the model right after the cadence point
+        def on_train_epoch_end(self, trainer, pl_module):
+            captured["params"] = [p.detach().double().clone() for p in pl_module.parameters()]
+            captured["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
+            if name == "adai":
+                optimizer = trainer.optimizers[0]
+                captured["scale"] = torch.cat([(0.5 * (1 - i.beta1) / (1 + i.beta1)
+                                                / (1 - optimizer.state[i.param]["beta1_prod"])).reshape(-1).double()
+                                               for i in optimizer.inertia()])
+
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", callbacks=[callback, Capture()],
+                         logger=pl.loggers.CSVLogger(tmp_path),
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, DataLoader(data, batch_size=8))
+    assert captured["lr"] == 0.0  # the scheduler has already moved lr when the cadence point runs
+    (_, ratio), = column(read_metrics(trainer), "sharpness/stability_ratio")
+    weight, bias = captured["params"]
+    inputs, targets = (t.double() for t in data.tensors)
+
+    def loss(flat):
+        w, b = flat[:8].view(2, 4), flat[8:]
+        return nn.functional.mse_loss(inputs @ w.T + b, targets)
+
+    dense = torch.autograd.functional.hessian(loss, torch.cat([weight.reshape(-1), bias]))
+    scale = captured["scale"] if name == "adai" else torch.full((10,), 0.1 / 1.9, dtype=torch.float64)
+    root = scale.sqrt()
+    expected = float(torch.linalg.eigvalsh(root[:, None] * dense * root[None, :])[-1]) / 2
+    assert ratio == pytest.approx(expected, rel=1e-4) and ratio > 0
