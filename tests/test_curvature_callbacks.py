@@ -101,7 +101,7 @@ def test_callbacks_leave_training_bitwise_unchanged(tmp_path, optimizer, train_m
     assert column(rows, "train_loss") == column(read_metrics(reference), "train_loss")
     assert [step for step, _ in column(rows, "sharpness/lambda_max")] == [2, 5]
     assert [step for step, _ in column(rows, "saddle/lambda_min")] == [1, 3, 5, 7]
-    for key in ("sharpness/lambda_2", "sharpness/trace", "sharpness/trace_stderr", "sharpness/lambda_max_x_lr",
+    for key in ("sharpness/lambda_2", "sharpness/trace", "sharpness/trace_stderr", "sharpness/stability_ratio",
                 "saddle/grad_norm", "saddle/negative_ratio", "saddle/momentum_drift", "saddle/update_drift",
                 "saddle/plateau"):
         assert column(rows, key), key
