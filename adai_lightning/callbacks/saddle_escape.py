@@ -20,6 +20,9 @@ from adai_lightning.curvature.plateaus import (DEFAULT_DROP_FRACTION, DEFAULT_MI
                                                DEFAULT_WINDOW, PlateauDetector)
 
 MOMENTUM_KEYS = ("exp_avg", "momentum_buffer")
+#: This callback's names for the arguments of PlateauDetector.
+DETECTOR_ARGUMENTS = {"window": "plateau_window", "min_steps": "plateau_min_steps", "tolerance": "plateau_tolerance",
+                      "drop_fraction": "escape_fraction"}
 #: Training losses stay on the device and reach the plateau detector in groups of this many batches.
 LOSS_FLUSH_EVERY = 64
 
@@ -91,7 +94,11 @@ class SaddleEscapeMonitor(ProbedCallback):
                  train_mode: bool = True, on_error: str = "warn", seed: int = 0) -> None:
         super().__init__(every_n_train_steps, every_n_epochs, max_overhead, num_samples, dataloader, loss_fn,
                          train_mode, on_error, seed)
-        self.detector = PlateauDetector(plateau_window, plateau_min_steps, plateau_tolerance, escape_fraction)
+        try:
+            self.detector = PlateauDetector(plateau_window, plateau_min_steps, plateau_tolerance, escape_fraction)
+        except ValueError as error:  # name the argument as this callback calls it
+            detector_name = str(error).split(":")[0].removeprefix("Invalid ")
+            raise ValueError(str(error).replace(detector_name, DETECTOR_ARGUMENTS[detector_name], 1)) from None
         check_choice("method", method, ("lanczos", "power"))
         check_int("lanczos_iters", lanczos_iters, 2)
         check_int("power_iters", power_iters, 1)
