@@ -105,3 +105,19 @@ def test_epoch_cadence_and_state_round_trip(tmp_path):
     restored = SaddleEscapeMonitor(every_n_train_steps=None, every_n_epochs=1, plateau_window=2)
     restored.load_state_dict(callback.state_dict())
     assert restored.state_dict() == callback.state_dict() and restored.state_dict()["last_step"] == 6
+
+
+@pytest.mark.slow
+def test_full_length_recipe_runs_meet_the_escape_acceptance():
+    """benchmarks/saddle_escapes.py: 9 saddle_deep_linear fits (>= 90 % of the real drops, no false or
+    duplicate events, escape_steps within 25 %) and 9 default-recipe fits (no event after convergence)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from recipe_helpers import clean_env
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "saddle_escapes.py")], capture_output=True,
+                          text=True, timeout=1800, env=clean_env(), cwd=root)
+    assert proc.returncode == 0 and "-> PASS" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
