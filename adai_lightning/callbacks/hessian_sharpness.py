@@ -86,7 +86,8 @@ class HessianSharpness(ProbedCallback):
         return eigen + self.trace_samples + (self._ratio_iters() if self._scaled_ratio else 0)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        optimizers = getattr(trainer, "optimizers", None) or []  # absent on a bare strategy-level trainer
+        optimizer = optimizers[0] if optimizers else None
         self._scaled_ratio = not (isinstance(optimizer, torch.optim.SGD) and len(optimizer.param_groups) == 1)
         super().on_train_start(trainer, pl_module)
 

@@ -78,6 +78,11 @@ class PlateauDetector:
         """Whether a confirmed plateau is in progress (the loss may have just left it)."""
         return self._plateau is not None
 
+    @property
+    def recent(self) -> list[float]:
+        """The last ``window`` finite losses fed, oldest first (floored at 1e-30)."""
+        return [math.exp(value) for value in self._logs]
+
     def _smoothed(self, loss: float) -> float | None:
         self._logs.append(math.log(max(loss, 1e-30)))
         if len(self._logs) < self.window:
