@@ -88,6 +88,8 @@ def test_deep_linear_plateau_escape_detected_near_the_drop(tmp_path):
     event = callback.detector.escapes[0]
     assert event["start"] <= 1 and abs(event["end"] - drop_step) <= 0.25 * drop_step, (event, drop_step)
     assert escapes[0][1] == event["length"] and column(rows, "saddle/escapes")[0][1] == 1.0
+    assert column(rows, "saddle/escape_start")[0][1] == event["start"]
+    assert column(rows, "saddle/escape_end")[0][1] == event["end"] < escapes[0][0]  # logged once confirmed
     assert dict(column(rows, "saddle/plateau"))[49] == 1.0  # on the plateau at the first cadence point
     lambda_min = dict(column(rows, "saddle/lambda_min"))
     assert lambda_min[49] < 0  # on the plateau: a saddle, negative curvature

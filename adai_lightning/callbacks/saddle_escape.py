@@ -50,7 +50,9 @@ class SaddleEscapeMonitor(ProbedCallback):
     ``saddle/momentum_drift`` (cosine between the momentum's update direction ``-m`` and the escape
     direction), ``saddle/update_drift`` (cosine between the last parameter update and it),
     ``saddle/plateau`` (1.0 on a confirmed plateau, else 0.0), and when an escape is confirmed
-    ``saddle/escape_steps`` (the plateau's length in steps) and ``saddle/escapes`` (count so far).
+    ``saddle/escape_steps`` (the plateau's length in steps), ``saddle/escape_start`` and
+    ``saddle/escape_end`` (the optimizer steps it began and the loss left it) and ``saddle/escapes``
+    (count so far).
 
     Plateaus and escapes come from :class:`~adai_lightning.curvature.plateaus.PlateauDetector` on the
     training losses the run already computes (no extra forward pass): a running median of the
@@ -164,6 +166,8 @@ class SaddleEscapeMonitor(ProbedCallback):
             event = self.detector.update(step, value)
             if event is not None:
                 self._unlogged.append((at, {"saddle/escape_steps": float(event["length"]),
+                                            "saddle/escape_start": float(event["start"]),
+                                            "saddle/escape_end": float(event["end"]),
                                             "saddle/escapes": float(len(self.detector.escapes))}))
 
     def _log_escapes(self, trainer: pl.Trainer) -> None:
