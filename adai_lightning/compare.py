@@ -2,13 +2,20 @@
 
 Runs the recipe once per optimizer and seed, one after the other, each in its own directory
 ``OUT/<optimizer>_seed<k>`` (a ``fit``, then a ``test`` of the checkpoint it saved, if any),
-then writes ``compare.md`` (mean +- std over seeds of the final test metric and of the final
-lambda_max, when logged), ``compare.png`` (overlaid curves) and ``compare.html`` (both, self-contained).
+then writes ``compare.md`` (the verdict tables below), ``compare.png`` (overlaid curves) and
+``compare.html`` (both, self-contained).
 
-Optimizer settings follow the paper's correspondence: ``Adai`` is the recipe's own optimizer
-settings; ``SGD`` is momentum 0.9 with lr = 0.1 x the recipe's lr (Adai lr 1.0 <-> SGD-M lr 0.1);
-``Adam`` uses lr 1e-3. Any other name is passed to ``--optimizer`` with its defaults. The recipe's
-weight decay and lr schedule apply to all. Extra arguments go to every run unchanged.
+Verdict tables: per optimizer, mean +- std over seeds of the final training loss, test accuracy,
+lambda_max, trace and stability ratio (those logged), and the steps each plateau lasted (the
+``saddle/escape_steps`` events, plateau 1, 2, ... in order); then the paired differences
+``Adai - <other>`` over equal seeds, with how many seeds have Adai lower.
+
+Optimizer settings come from the recipes' optimizer configs: ``Adai`` is the recipe's own;
+any other name ``N`` is the first of ``DIR/<recipe name>/<n>.yaml`` and ``DIR/<n>.yaml`` (``n`` =
+``N`` lower-cased, ``DIR`` = ``--optimizer-configs``, default the ``optimizers`` folder next to the
+recipe), added as a second ``--config``; a name without a config is passed to ``--optimizer`` with
+its defaults. The recipe's weight decay and lr schedule apply to all. Extra arguments go to every
+run unchanged.
 """
 
 from __future__ import annotations
@@ -21,25 +28,26 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
-
 from adai_lightning import report
 
 CURVES = (("val/loss", "validation loss"), ("val/acc", "validation accuracy"),
           ("sharpness/lambda_max", "lambda_max"), ("train/loss_step", "training loss"))
 
 
-def optimizer_args(name: str, recipe_lr: float | None) -> list[str]:
-    """CLI arguments selecting optimizer ``name`` with the paper's baseline settings."""
+def optimizer_config(name: str, recipe: Path, directory: Path) -> Path | None:
+    """The optimizer config for ``name`` on ``recipe``: the recipe's own folder first, then the shared one."""
+    for candidate in (directory / recipe.stem / f"{name.lower()}.yaml", directory / f"{name.lower()}.yaml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def optimizer_args(name: str, recipe: Path, directory: Path) -> list[str]:
+    """CLI arguments selecting optimizer ``name``: none for Adai (the recipe's), else its config file."""
     if name == "Adai":
         return []
-    if name == "SGD":
-        if recipe_lr is None:
-            raise ValueError("SGD's lr is derived from the recipe's optimizer.init_args.lr, which is not set")
-        return ["--optimizer", "torch.optim.SGD", "--optimizer.lr", repr(0.1 * recipe_lr), "--optimizer.momentum", "0.9"]
-    if name == "Adam":
-        return ["--optimizer", "torch.optim.Adam", "--optimizer.lr", "0.001"]
-    return ["--optimizer", name]
+    config = optimizer_config(name, recipe, directory)
+    return ["--config", str(config)] if config is not None else ["--optimizer", name]
 
 
 def progress(done: int, total: int, label: str, started: float) -> None:
@@ -67,11 +75,24 @@ def _run_cli(command: list[str], log) -> None:
         raise RuntimeError(f"adai-lightning {' '.join(command)} failed (exit {proc.returncode}); see {log.name}")
 
 
-def final_values(run_dir: Path) -> tuple[report.Metrics, dict[str, float | None]]:
+#: The verdict table's columns: a label and the logged keys that give it (the first one logged).
+FINALS = (("final train loss", ("train/loss_epoch", "train/loss_step", "train/loss")), ("test acc", ("test/acc",)),
+          ("test loss", ("test/loss",)), ("lambda_max", ("sharpness/lambda_max",)), ("trace", ("sharpness/trace",)),
+          ("stability ratio", ("sharpness/stability_ratio",)))
+Finals = dict[str, float | None]
+
+
+def final_values(run_dir: Path) -> tuple[report.Metrics, Finals]:
+    """The run's metrics and its final values: one per FINALS label, and ``plateau <k> steps`` for
+    each escape event in order (how long the run stayed on its k-th plateau)."""
     metrics = report.Metrics.read(report.find_metrics(run_dir))
-    test_key = next((k for k in ("test/acc", "test/loss", "val/acc", "val/loss") if metrics.has(k)), None)
-    return metrics, {"metric": test_key, "value": metrics.last(test_key) if test_key else None,
-                     "lambda_max": metrics.last("sharpness/lambda_max")}
+    finals: Finals = {}
+    for label, keys in FINALS:
+        key = next((k for k in keys if metrics.has(k)), None)
+        finals[label] = metrics.last(key) if key else None
+    for index, length in enumerate(metrics.xy("saddle/escape_steps")[1], start=1):
+        finals[f"plateau {index} steps"] = length
+    return metrics, finals
 
 
 def mean_std(values: list[float | None]) -> str:
@@ -82,18 +103,38 @@ def mean_std(values: list[float | None]) -> str:
     return f"{statistics.fmean(present):.4g} +- {spread:.2g} (n={len(present)})"
 
 
-def summarise(results: dict[str, list[tuple[report.Metrics, dict]]], out: Path) -> tuple[list[list[str]], Path]:
-    """The table rows and the overlay PNG."""
+def paired(adai: list[Finals], other: list[Finals], label: str) -> str:
+    """``mean +- std`` of Adai - other over the seeds both logged, and the signs."""
+    diffs = [a[label] - b[label] for a, b in zip(adai, other) if a.get(label) is not None and b.get(label) is not None]
+    if not diffs:
+        return "-"
+    lower = sum(d < 0 for d in diffs)
+    higher = sum(d > 0 for d in diffs)
+    return f"{mean_std(diffs)}; Adai lower in {lower}/{len(diffs)}, higher in {higher}/{len(diffs)}"
+
+
+def verdict_tables(results: dict[str, list[Finals]]) -> tuple[list[str], list[list[str]], list[list[str]]]:
+    """The columns, the per-optimizer rows (mean +- std over seeds) and the paired-difference rows."""
+    labels = [label for label, _ in FINALS if any(f[label] is not None for runs in results.values() for f in runs)]
+    plateaus = max((sum(k.startswith("plateau ") for k in f) for runs in results.values() for f in runs), default=0)
+    labels += [f"plateau {k} steps" for k in range(1, plateaus + 1)]
+    rows = [[name] + [mean_std([f.get(label) for f in runs]) for label in labels] for name, runs in results.items()]
+    diffs = [[f"Adai - {name}"] + [paired(results["Adai"], runs, label) for label in labels]
+             for name, runs in results.items() if name != "Adai" and "Adai" in results]
+    return labels, rows, diffs
+
+
+def markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    return "\n".join("| " + " | ".join(r) + " |" for r in [list(header), ["---"] * len(header), *rows])
+
+
+def plot(results: dict[str, list[tuple[report.Metrics, Finals]]], out: Path) -> Path:
+    """The overlay PNG of every run's curves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = []
-    for name, runs in results.items():
-        finals = [f for _, f in runs]
-        rows.append([name, finals[0]["metric"] or "-", mean_std([f["value"] for f in finals]),
-                     mean_std([f["lambda_max"] for f in finals])])
     fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 4), constrained_layout=True)
     for ax, (key, title) in zip(axes, CURVES):
         for color, (name, runs) in enumerate(results.items()):
@@ -113,7 +154,7 @@ def summarise(results: dict[str, list[tuple[report.Metrics, dict]]], out: Path) 
     png = out / "compare.png"
     fig.savefig(png, dpi=90)
     plt.close(fig)
-    return rows, png
+    return png
 
 
 def main(args: Sequence[str] | None = None) -> None:
@@ -122,25 +163,30 @@ def main(args: Sequence[str] | None = None) -> None:
     parser.add_argument("--optimizers", default="Adai,SGD,Adam", help="comma-separated names (default: %(default)s)")
     parser.add_argument("--seeds", type=int, default=3, help="runs per optimizer, seeds 0..N-1 (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/compare/<recipe>)")
+    parser.add_argument("--optimizer-configs", type=Path, default=None,
+                        help="folder of optimizer configs (default: the 'optimizers' folder next to the recipe)")
     options, extra = parser.parse_known_args(args)
     if options.seeds < 1:
         parser.error(f"Invalid --seeds: {options.seeds}; it must be >= 1")
     names = [n.strip() for n in options.optimizers.split(",") if n.strip()]
     out = options.out or Path("runs") / "compare" / options.config.stem
-    recipe_lr = (yaml.safe_load(options.config.read_text()).get("optimizer") or {}).get("init_args", {}).get("lr")
+    configs = options.optimizer_configs or options.config.parent / "optimizers"
     total, started = len(names) * options.seeds, time.time()
     results: dict[str, list] = {}
     for index, (name, seed) in enumerate((n, s) for n in names for s in range(options.seeds)):
         progress(index, total, f"running {name} seed {seed}", started)
         run_dir = out / f"{name}_seed{seed}"
-        run_one(options.config, run_dir, seed, [*optimizer_args(name, recipe_lr), *extra])
+        run_one(options.config, run_dir, seed, [*optimizer_args(name, options.config, configs), *extra])
         results.setdefault(name, []).append(final_values(run_dir))
     progress(total, total, "done", started)
-    rows, png = summarise(results, out)
-    header = ("optimizer", "final metric", "mean +- std", "final lambda_max")
-    table = "\n".join("| " + " | ".join(r) + " |" for r in [list(header), ["---"] * 4, *rows])
-    (out / "compare.md").write_text(table + "\n")
+    labels, rows, diffs = verdict_tables({name: [f for _, f in runs] for name, runs in results.items()})
+    png = plot(results, out)
+    text = (f"Final values, mean +- std over seeds ({options.seeds} per optimizer):\n\n"
+            + markdown(["optimizer", *labels], rows)
+            + "\n\nPaired differences over equal seeds:\n\n" + markdown(["difference", *labels], diffs) + "\n")
+    (out / "compare.md").write_text(text)
     report.write_html(out / "compare.html", f"adai-lightning compare: {options.config}",
-                      report.html_table(header, rows), png)
-    print(table)
+                      report.html_table(["optimizer", *labels], rows)
+                      + report.html_table(["difference", *labels], diffs), png)
+    print(text)
     print(f"wrote {out / 'compare.md'}, {png}, {out / 'compare.html'}")

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 
 from adai_lightning.callbacks._cadence import log_scalars
 from adai_lightning.callbacks._hessian_probe import (DEFAULT_MAX_OVERHEAD, DEFAULT_NUM_SAMPLES, LossFn,
                                                      ProbedCallback, check_choice, check_int)
 from adai_lightning.curvature import (HessianOperator, default_lanczos_iters, hutch_plus_plus_trace,
                                       hutchinson_trace, lanczos_extremes, power_top_k)
+from adai_lightning.curvature.stability import linearised_step, stability_ratio
 
 TRACE_ESTIMATORS = {"hutchinson": hutchinson_trace, "hutch++": hutch_plus_plus_trace}
 
@@ -26,16 +29,24 @@ class HessianSharpness(ProbedCallback):
     ``max_overhead`` is then not used.
 
     Keys: ``sharpness/lambda_max``, ``sharpness/lambda_2`` .. ``sharpness/lambda_<top_k>``,
-    ``sharpness/lambda_max_x_lr`` (lambda_max times the first optimizer's first param-group lr:
-    gradient descent on a quadratic is stable below 2), and with ``trace_samples > 0``
+    ``sharpness/stability_ratio`` (1.0 = the first optimizer's edge of stability on the local
+    quadratic: ``lambda_max(S H S) / 2`` with the step sizes and inertia of its last step, see
+    :mod:`adai_lightning.curvature.stability`; gradient descent: ``lr lambda_max / 2``; Adai with its
+    per-element beta1, Adam with its preconditioner, SGD with its momentum; omitted for optimizers
+    it does not model), and with ``trace_samples > 0``
     ``sharpness/trace`` and ``sharpness/trace_stderr`` (``trace_method`` "hutchinson" or "hutch++",
     Rademacher probes; Hutch++ needs ``trace_samples >= 3``).
 
     Cost per cadence point, in Hessian-vector products (with a one-batch subset, or with
     ``keep_graphs=True``, each batch's first-order graph is built once and each product is one more
     backward through it; with several batches and ``keep_graphs=None``, the default, each product
-    redoes a forward and a double backward per batch, holding one batch's graph at a time): ``lanczos_iters`` (default ``max(20, 3 top_k + 10)``)
-    for Lanczos, at most ``top_k * power_iters`` for power iteration, plus ``trace_samples``.
+    redoes a forward and a double backward per batch, holding one batch's graph at a time):
+    ``lanczos_iters`` (default ``max(20, 3 top_k + 10)``) for Lanczos, at most ``top_k * power_iters``
+    for power iteration, plus ``trace_samples``, plus for the stability ratio of an optimizer with
+    per-element step sizes (Adai, Adam) one more Lanczos run of ``lanczos_iters`` on the scaled
+    operator (SGD's ratio is arithmetic on lambda_max). The learning rates are those the last
+    optimizer step used (read in ``on_before_optimizer_step``, before any scheduler moves them); the
+    inertia and preconditioner come from the state it left.
 
     The evaluation subset (``num_samples`` samples, fixed and checkpointed), the loss, train mode
     (default; ``train_mode=False``: eval mode) and side-effect isolation are those of
@@ -66,13 +77,40 @@ class HessianSharpness(ProbedCallback):
         self.trace_method = trace_method
         self.lanczos_iters = lanczos_iters
         self.power_iters = power_iters
+        self._step_lrs: list[Any] | None = None  # the learning rates of the last optimizer step
+        self._scaled_ratio = True  # whether the stability ratio needs its own Lanczos run (not plain SGD)
+
+    def _ratio_iters(self) -> int:
+        return default_lanczos_iters(1) if self.lanczos_iters is None else self.lanczos_iters
 
     def products_per_point(self) -> int:
         eigen = (default_lanczos_iters(self.top_k) if self.lanczos_iters is None else self.lanczos_iters) \
             if self.method == "lanczos" else self.top_k * self.power_iters
-        return eigen + self.trace_samples
+        return eigen + self.trace_samples + (self._ratio_iters() if self._scaled_ratio else 0)
 
-    def _measure(self, operator: HessianOperator) -> dict[str, float]:
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        optimizers = getattr(trainer, "optimizers", None) or []  # absent on a bare strategy-level trainer
+        optimizer = optimizers[0] if optimizers else None
+        self._scaled_ratio = not (isinstance(optimizer, torch.optim.SGD) and len(optimizer.param_groups) == 1)
+        super().on_train_start(trainer, pl_module)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if trainer.optimizers and optimizer is trainer.optimizers[0]:  # a scalar copy: no host sync, no cost
+            self._step_lrs = [lr.detach().clone() if isinstance(lr, torch.Tensor) else lr
+                              for lr in (group["lr"] for group in optimizer.param_groups)]
+
+    def _stability(self, trainer: pl.Trainer, operator: HessianOperator, lambda_max: float) -> dict[str, float]:
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        if optimizer is None or self._step_lrs is None or len(self._step_lrs) != len(optimizer.param_groups):
+            return {}
+        step = linearised_step(optimizer, operator.params, [float(lr) for lr in self._step_lrs])
+        if step is None:
+            return {}
+        ratio = stability_ratio(operator, step, self.probe.generator(), operator.params[0], self._ratio_iters(),
+                                lambda_max=lambda_max)
+        return {"sharpness/stability_ratio": ratio}
+
+    def _measure(self, trainer: pl.Trainer, operator: HessianOperator) -> dict[str, float]:
         generator, like = self.probe.generator(), operator.params[0]
         if self.method == "lanczos":
             pairs = lanczos_extremes(operator, operator.dim, self.top_k, "largest", generator, like, self.lanczos_iters)
@@ -84,13 +122,10 @@ class HessianSharpness(ProbedCallback):
         if self.trace_samples:
             trace = TRACE_ESTIMATORS[self.trace_method](operator, operator.dim, self.trace_samples, generator, like)
             metrics.update({"sharpness/trace": trace.trace, "sharpness/trace_stderr": trace.stderr})
+        metrics.update(self._stability(trainer, operator, values[0]))
         return metrics
 
     def on_cadence(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
-        metrics = self.probe.run(trainer, pl_module, self._measure)
-        if metrics is None:
-            return
-        if trainer.optimizers:
-            metrics["sharpness/lambda_max_x_lr"] = metrics["sharpness/lambda_max"] * \
-                float(trainer.optimizers[0].param_groups[0]["lr"])
-        log_scalars(trainer, metrics)
+        metrics = self.probe.run(trainer, pl_module, partial(self._measure, trainer))
+        if metrics is not None:
+            log_scalars(trainer, metrics)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,54 +16,15 @@ from adai_lightning.callbacks._hessian_probe import (DEFAULT_MAX_OVERHEAD, DEFAU
                                                      ProbedCallback, check_choice, check_int)
 from adai_lightning.curvature import HessianOperator, flatten, lanczos, power_smallest, power_top_k
 from adai_lightning.curvature.eigen import random_unit
+from adai_lightning.curvature.plateaus import (DEFAULT_DROP_FRACTION, DEFAULT_MIN_STEPS, DEFAULT_TOLERANCE,
+                                               DEFAULT_WINDOW, PlateauDetector)
 
 MOMENTUM_KEYS = ("exp_avg", "momentum_buffer")
+#: This callback's names for the arguments of PlateauDetector.
+DETECTOR_ARGUMENTS = {"window": "plateau_window", "min_steps": "plateau_min_steps", "tolerance": "plateau_tolerance",
+                      "drop_fraction": "escape_fraction"}
 #: Training losses stay on the device and reach the plateau detector in groups of this many batches.
 LOSS_FLUSH_EVERY = 64
-
-
-class PlateauDetector:
-    """Windowed relative improvement of the training loss.
-
-    Over the last ``window`` losses, ``improvement = (mean(older half) - mean(newer half)) /
-    |mean(older half)|``; the run is on a plateau while the window is full and the improvement is
-    below ``threshold``.  A plateau starts at the step the condition first holds and ends at the
-    step it first fails; both are detected with a lag of about ``window / 2`` steps, so the
-    length ``end - start`` is not biased by it.
-    """
-
-    def __init__(self, window: int, threshold: float) -> None:
-        self.window = window
-        self.threshold = threshold
-        self.losses: deque[float] = deque(maxlen=window)
-        self.start: int | None = None
-        self.escapes: list[dict[str, int]] = []
-
-    def update(self, step: int, loss: float) -> dict[str, int] | None:
-        """Add the loss of ``step``; return the escape event ``{start, end, length}`` if one ends here."""
-        self.losses.append(loss)
-        if len(self.losses) < self.window:
-            return None
-        half = self.window // 2
-        values = list(self.losses)
-        older, newer = sum(values[:half]) / half, sum(values[-half:]) / half
-        flat = (older - newer) / max(abs(older), 1e-12) < self.threshold
-        if flat and self.start is None:
-            self.start = step
-        elif not flat and self.start is not None:
-            event = {"start": self.start, "end": step, "length": step - self.start}
-            self.escapes.append(event)
-            self.start = None
-            return event
-        return None
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"losses": list(self.losses), "start": self.start, "escapes": list(self.escapes)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.losses = deque(state.get("losses", []), maxlen=self.window)
-        self.start = state.get("start")
-        self.escapes = list(state.get("escapes", []))
 
 
 def _cosine(a: Tensor, b: Tensor) -> float:
@@ -89,8 +49,19 @@ class SaddleEscapeMonitor(ProbedCallback):
     ``saddle/negative_ratio`` (``|lambda_min| / lambda_max`` if ``lambda_min < 0``, else 0),
     ``saddle/momentum_drift`` (cosine between the momentum's update direction ``-m`` and the escape
     direction), ``saddle/update_drift`` (cosine between the last parameter update and it),
-    ``saddle/plateau`` (1.0 on a plateau, else 0.0), and at the step a plateau ends
-    ``saddle/escape_steps`` (its length in steps) and ``saddle/escapes`` (count so far).
+    ``saddle/plateau`` (1.0 on a confirmed plateau, else 0.0), and when an escape is confirmed
+    ``saddle/escape_steps`` (the plateau's length in steps), ``saddle/escape_start`` and
+    ``saddle/escape_end`` (the optimizer steps it began and the loss left it) and ``saddle/escapes``
+    (count so far).
+
+    Plateaus and escapes come from :class:`~adai_lightning.curvature.plateaus.PlateauDetector` on the
+    training losses the run already computes (no extra forward pass): a running median of the
+    log-loss over ``plateau_window`` steps, a plateau = at least ``plateau_min_steps`` steps within a
+    factor ``1 + plateau_tolerance``, an escape = the median falling to ``escape_fraction`` of the
+    plateau's level within as many steps as the plateau lasted (at least ``plateau_min_steps``); a
+    slow decay is not an escape. ``saddle/plateau`` turns on ``plateau_min_steps`` steps into a
+    plateau, and an escape is logged when confirmed, a few dozen steps after the loss left the
+    plateau; its ``escape_steps`` counts from the plateau's start to the step the loss left it.
 
     The escape direction is the lambda_min eigenvector oriented so that the loss decreases along it
     (see :func:`_escape_direction`): a positive drift means the optimizer is moving out of the
@@ -104,7 +75,7 @@ class SaddleEscapeMonitor(ProbedCallback):
     and reads them in groups of :data:`LOSS_FLUSH_EVERY` batches, and at cadence points and the end
     of training: one host transfer (and under DDP one all-reduce, so every rank sees the same
     plateaus) per group instead of one per step. Escape events are therefore logged when their
-    group is read, at the logger step of the batch that ended the plateau.
+    group is read, at the logger step of the batch that confirmed them.
 
     Cadence: by default as often as ``max_overhead`` allows (see :class:`HessianSharpness`).
 
@@ -117,24 +88,26 @@ class SaddleEscapeMonitor(ProbedCallback):
     """
 
     def __init__(self, every_n_train_steps: int | None = None, every_n_epochs: int | None = None,
-                 max_overhead: float | None = DEFAULT_MAX_OVERHEAD, plateau_window: int = 50,
-                 plateau_threshold: float = 0.01, num_samples: int = DEFAULT_NUM_SAMPLES, method: str = "lanczos",
+                 max_overhead: float | None = DEFAULT_MAX_OVERHEAD, plateau_window: int = DEFAULT_WINDOW,
+                 plateau_min_steps: int = DEFAULT_MIN_STEPS, plateau_tolerance: float = DEFAULT_TOLERANCE,
+                 escape_fraction: float = DEFAULT_DROP_FRACTION, num_samples: int = DEFAULT_NUM_SAMPLES,
+                 method: str = "lanczos",
                  lanczos_iters: int = 20, power_iters: int = 100, dataloader: Any = None, loss_fn: LossFn | None = None,
                  train_mode: bool = True, on_error: str = "warn", seed: int = 0,
                  keep_graphs: bool | None = None) -> None:
         super().__init__(every_n_train_steps, every_n_epochs, max_overhead, num_samples, dataloader, loss_fn,
                          train_mode, on_error, seed, keep_graphs)
-        check_int("plateau_window", plateau_window, 2)
-        if isinstance(plateau_threshold, bool) or not isinstance(plateau_threshold, (int, float)) \
-                or not math.isfinite(plateau_threshold):
-            raise ValueError(f"Invalid plateau_threshold: {plateau_threshold!r}; it must be a finite number")
+        try:
+            self.detector = PlateauDetector(plateau_window, plateau_min_steps, plateau_tolerance, escape_fraction)
+        except ValueError as error:  # name the argument as this callback calls it
+            detector_name = str(error).split(":")[0].removeprefix("Invalid ")
+            raise ValueError(str(error).replace(detector_name, DETECTOR_ARGUMENTS[detector_name], 1)) from None
         check_choice("method", method, ("lanczos", "power"))
         check_int("lanczos_iters", lanczos_iters, 2)
         check_int("power_iters", power_iters, 1)
         self.method = method
         self.lanczos_iters = lanczos_iters
         self.power_iters = power_iters
-        self.detector = PlateauDetector(plateau_window, float(plateau_threshold))
         self._batch_idx = -1
         self._grad_norm: float | None = None
         self._params_before: Tensor | None = None
@@ -194,6 +167,8 @@ class SaddleEscapeMonitor(ProbedCallback):
             event = self.detector.update(step, value)
             if event is not None:
                 self._unlogged.append((at, {"saddle/escape_steps": float(event["length"]),
+                                            "saddle/escape_start": float(event["start"]),
+                                            "saddle/escape_end": float(event["end"]),
                                             "saddle/escapes": float(len(self.detector.escapes))}))
 
     def _log_escapes(self, trainer: pl.Trainer) -> None:
@@ -226,7 +201,7 @@ class SaddleEscapeMonitor(ProbedCallback):
     def on_cadence(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         self._flush_losses()
         self._log_escapes(trainer)
-        metrics = {"saddle/plateau": float(self.detector.start is not None)}
+        metrics = {"saddle/plateau": float(self.detector.on_plateau)}
         params = [p for p in pl_module.parameters() if p.requires_grad]
         if self._grad_norm is not None:
             metrics["saddle/grad_norm"] = self._grad_norm
