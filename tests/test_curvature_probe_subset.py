@@ -85,10 +85,13 @@ def test_probe_hessian_equals_the_exact_hessian_in_float64(train_mode, keep_grap
 def test_estimated_cost_counts_the_batches_of_the_subset():
     trainer = SimpleNamespace(train_dataloader=DataLoader(data(100), batch_size=8), fit_loop=SimpleNamespace(
         _combined_loader=None))
-    callback = HessianSharpness(num_samples=30)  # 4 batches of 8 (the last of 6), 20 products each
+    callback = HessianSharpness(num_samples=30)  # 4 batches of 8 (the last of 6)
+    products = callback.products_per_point()  # 20 Lanczos + 20 for the scaled stability ratio
+    assert products == 40
     assert callback.estimated_cost(trainer, 0.01) == pytest.approx(
-        HVP_COST_IN_STEPS * REBUILT_GRAPH_FACTOR * 20 * 4 * 0.01)
-    assert HessianSharpness(num_samples=8).estimated_cost(trainer, 0.01) == pytest.approx(HVP_COST_IN_STEPS * 20 * 0.01)
+        HVP_COST_IN_STEPS * REBUILT_GRAPH_FACTOR * products * 4 * 0.01)
+    assert HessianSharpness(num_samples=8).estimated_cost(trainer, 0.01) == pytest.approx(
+        HVP_COST_IN_STEPS * products * 0.01)
 
 
 def _fit(tmp_path, callback, ckpt_path=None, extra=()):
