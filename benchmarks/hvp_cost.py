@@ -20,8 +20,8 @@ reused product equals the from-scratch one (relative difference).
 
 Models: ``small`` is the default recipe's ``SmallConvNet`` on digits-shaped input ``(N, 1, 8, 8)``
 (the recipe's batch size, 64); ``resnet18`` is torchvision's ResNet-18 (10 classes) on ``(N, 3, 32, 32)``.
-Mode ``train`` normalises with batch statistics (the callbacks' ``train_mode=True``), ``eval`` with
-running statistics (their default).
+Mode ``train`` normalises with batch statistics (the callbacks' default ``train_mode=True``), ``eval``
+with running statistics (``train_mode=False``).
 """
 
 from __future__ import annotations

@@ -125,8 +125,8 @@ def run_lightning(port: int, out_dir: str) -> None:
     logger = RecordingLogger()
     trainer = pl.Trainer(accelerator="cpu", devices=2, max_epochs=1, logger=logger,
                          strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-                         callbacks=[InertiaMonitor(every_n_train_steps=2)], enable_progress_bar=False,
-                         enable_checkpointing=False, enable_model_summary=False)
+                         callbacks=[InertiaMonitor(every_n_train_steps=2, per_parameter=True)],
+                         enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)
     trainer.fit(ShardedNet(), DataLoader(data, batch_size=8))
     with open(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
         json.dump({"scalars": logger.logged}, f)

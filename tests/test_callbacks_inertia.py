@@ -112,7 +112,7 @@ def _expected(values: np.ndarray, n_zero: int, n_max: int, ratio_sum: float) -> 
 def test_statistics_equal_the_papers_formula_in_float64() -> None:
     logger = RecordingLogger()
     model = TinyNet()
-    trainer = _fit(model, [InertiaMonitor(every_n_train_steps=4)], logger)  # 4 batches: logs after the last one
+    trainer = _fit(model, [InertiaMonitor(every_n_train_steps=4, per_parameter=True)], logger)  # 4 batches: logs after the last one
     optimizer = trainer.optimizers[0]
     names = {id(p): n for n, p in model.named_parameters()} | {id(model.hidden[0]): "_unnamed.1.2"}
 
@@ -187,7 +187,8 @@ def test_csv_logger_shows_every_key_at_the_cadence(tmp_path: Path) -> None:
     (metrics,) = tmp_path.glob("lightning_logs/version_0/metrics.csv")
     rows = [row for row in csv.DictReader(metrics.open()) if row.get("inertia/global/mean")]
     assert [int(row["step"]) for row in rows] == [1, 3, 5, 7]
-    for key in ("inertia/param/body.0.weight/", "inertia/module/head/", "inertia/global/"):
+    assert not any(key.startswith("inertia/param/") for key in rows[0])  # per module by default
+    for key in ("inertia/module/body/", "inertia/module/head/", "inertia/global/"):
         for stat in STATS:
             assert all(math.isfinite(float(row[key + stat])) for row in rows), key + stat
 
@@ -300,7 +301,8 @@ def test_works_in_a_pytorch_lightning_trainer() -> None:
             return Adai(self.parameters(), lr=0.5)
 
     logger = RecordingLogger()
-    trainer = pytorch_lightning.Trainer(max_epochs=1, logger=logger, callbacks=[InertiaMonitor(every_n_train_steps=2)],
+    trainer = pytorch_lightning.Trainer(max_epochs=1, logger=logger,
+                                        callbacks=[InertiaMonitor(every_n_train_steps=2, per_parameter=True)],
                                         enable_progress_bar=False, enable_checkpointing=False,
                                         enable_model_summary=False)
     trainer.fit(PlainNet(), _loader())
@@ -409,8 +411,11 @@ def test_attached_from_the_command_line_to_the_default_recipe(tmp_path: Path) ->
     (metrics,) = tmp_path.glob("lightning_logs/version_0/metrics.csv")
     rows = [row for row in csv.DictReader(metrics.open()) if row.get("inertia/global/mean")]
     assert [int(row["step"]) for row in rows] == [1, 3]
-    assert {f"inertia/{scope}/{stat}" for scope in ("module/backbone", "global") for stat in STATS} <= set(rows[0])
-    assert not any(key.startswith("inertia/param/") for key in rows[0])
+    # the classifier keeps everything in self.backbone: its layers are the modules
+    modules = ("backbone.0", "backbone.1", "backbone.3", "backbone.4", "backbone.8")
+    assert {f"inertia/{scope}/{stat}" for scope in (*(f"module/{m}" for m in modules), "global")
+            for stat in STATS} <= set(rows[0])
+    assert not any(key.startswith(("inertia/param/", "inertia/module/backbone/")) for key in rows[0])
 
 
 @pytest.mark.parametrize("optimizer_class", [Adai, torch.optim.SGD])

@@ -163,6 +163,7 @@ def test_without_double_backward_warns_once_and_training_continues(tmp_path):
 
 @pytest.mark.parametrize("kwargs,name", [({"top_k": 0}, "top_k"), ({"method": "qr"}, "method"),
                                          ({"num_samples": 0}, "num_samples"), ({"on_error": "ignore"}, "on_error"),
+                                         ({"keep_graphs": "yes"}, "keep_graphs"), ({"train_mode": 1}, "train_mode"),
                                          ({"trace_samples": -1}, "trace_samples"),
                                          ({"trace_method": "exact"}, "trace_method"),
                                          ({"trace_method": "hutch++", "trace_samples": 2}, "trace_samples")])

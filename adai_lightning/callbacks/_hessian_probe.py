@@ -20,8 +20,9 @@ every RNG bitwise identical with and without the callbacks):
   every batch so that dropout draws the same mask in every Hessian-vector product (the operator
   stays one fixed matrix); ``train_mode=False``: eval mode (running statistics, no dropout);
 - only ``torch.autograd.grad`` is used: parameter ``.grad`` fields are never touched;
-- the operator lives for one cadence point only (a ``with`` block): its kept first-order graph
-  (automatic reuse, one batch) is freed afterwards, so no memory is held between cadence points.
+- the operator lives for one cadence point only (a ``with`` block): its kept first-order graphs
+  (``keep_graphs``: None keeps them for a one-batch subset only, True for every batch, False never)
+  are freed afterwards, so no memory is held between cadence points.
 
 The operator is the Hessian of the sample-weighted mean of the batch losses (each batch weighs its
 share of the subset's samples). Under ``torch.distributed`` every rank forms the same batches and
@@ -106,8 +107,10 @@ class HessianProbe:
     """Builds a ``HessianOperator`` on the fixed subset and runs a computation on it in isolation."""
 
     def __init__(self, owner: str, num_samples: int, dataloader: Any, loss_fn: LossFn | None, train_mode: bool,
-                 on_error: str, seed: int) -> None:
+                 on_error: str, seed: int, keep_graphs: bool | None = None) -> None:
         check_int("num_samples", num_samples, 1)
+        if keep_graphs not in (None, True, False):
+            raise ValueError(f"Invalid keep_graphs: {keep_graphs!r}; it must be None, True or False")
         check_choice("on_error", on_error, ("warn", "raise"))
         check_int("seed", seed, 0)
         if not isinstance(train_mode, bool):
@@ -121,6 +124,7 @@ class HessianProbe:
         self.train_mode = train_mode
         self.on_error = on_error
         self.seed = seed
+        self.keep_graphs = keep_graphs
         self.disabled = False
         #: The subset taken (or loaded from a checkpoint), per loader; None until the first cadence point.
         self.records: dict[str, SubsetRecord] | None = None
@@ -149,13 +153,9 @@ class HessianProbe:
                                                    from_trainer)
         rank, world_size = _rank_and_world()
         strategy = trainer.strategy if trainer is not None else None
-        moved = []
-        for batch in batches[rank::world_size]:
-            idx = batch.dataloader_idx or 0
-            data = strategy.batch_to_device(batch.data, dataloader_idx=idx) if strategy is not None \
-                else move_data_to_device(batch.data, module.device)
-            moved.append(batch._replace(data=data))
-        return moved
+        move = strategy.batch_to_device if strategy is not None else \
+            (lambda data: move_data_to_device(data, module.device))
+        return [batch._replace(data=move(batch.data)) for batch in batches[rank::world_size]]
 
     def expected_batches(self, trainer: pl.Trainer) -> int:
         """Batches of the subset this rank evaluates (before it is taken: from the loaders' batch sizes)."""
@@ -171,12 +171,13 @@ class HessianProbe:
         _seed_all(self.seed, module.device)
         if self.loss_fn is not None:
             return self.loss_fn(module, batch.data)
-        return step_loss(module, batch.data, batch.dataloader_idx, self._recorder)
+        return step_loss(module, batch.data, self._recorder)
 
     def _operator(self, module: pl.LightningModule) -> HessianOperator:
         reduce = _sum_across_ranks if _rank_and_world()[1] > 1 else None
         return HessianOperator(module.parameters(), lambda batch: self._batch_loss(module, batch), self._batches,
-                               weights=[batch.weight for batch in self._batches], reduce=reduce)
+                               weights=[batch.weight for batch in self._batches], reduce=reduce,
+                               reuse_graph=self.keep_graphs)
 
     def run(self, trainer: pl.Trainer | None, module: pl.LightningModule,
             compute: Callable[[HessianOperator], Result]) -> Result | None:
@@ -233,9 +234,10 @@ class ProbedCallback(CadencedCallback):
 
     def __init__(self, every_n_train_steps: int | None, every_n_epochs: int | None, max_overhead: float | None,
                  num_samples: int, dataloader: Any, loss_fn: LossFn | None, train_mode: bool, on_error: str,
-                 seed: int) -> None:
+                 seed: int, keep_graphs: bool | None) -> None:
         super().__init__(every_n_train_steps, every_n_epochs, max_overhead)
-        self.probe = HessianProbe(type(self).__name__, num_samples, dataloader, loss_fn, train_mode, on_error, seed)
+        self.probe = HessianProbe(type(self).__name__, num_samples, dataloader, loss_fn, train_mode, on_error, seed,
+                                  keep_graphs)
 
     def products_per_point(self) -> int:
         """Hessian-vector products (or gradients) one cadence point computes, at most."""
@@ -243,9 +245,11 @@ class ProbedCallback(CadencedCallback):
 
     def estimated_cost(self, trainer: pl.Trainer, step_seconds: float) -> float:
         """Products per point x batches of the subset x :data:`HVP_COST_IN_STEPS` training steps
-        (x :data:`REBUILT_GRAPH_FACTOR` with several batches)."""
+        (x :data:`REBUILT_GRAPH_FACTOR` when the graphs are not kept: several batches, ``keep_graphs`` not True)."""
         batches = self.probe.expected_batches(trainer)
-        factor = HVP_COST_IN_STEPS * (REBUILT_GRAPH_FACTOR if batches > 1 else 1.0)
+        keep = self.probe.keep_graphs
+        rebuilt = keep is False or (keep is None and batches > 1)
+        factor = HVP_COST_IN_STEPS * (REBUILT_GRAPH_FACTOR if rebuilt else 1.0)
         return factor * self.products_per_point() * batches * step_seconds
 
     def state_dict(self) -> dict[str, Any]:

@@ -8,14 +8,16 @@
   records the loss without a backward, and ``toggle_optimizer`` / ``untoggle_optimizer`` /
   ``toggled_optimizer`` / ``clip_gradients`` do nothing: no optimizer step, no ``.grad`` change,
   no ``requires_grad`` change, whatever the optimization style;
-- every torchmetrics ``Metric`` among the module's submodules keeps its state: the values of its
-  state tensors and lists and its bookkeeping (``update_count``, cached results) are restored in
-  place, so shared states (``MetricCollection`` compute groups) stay shared;
+- every torchmetrics ``Metric`` (and ``MetricCollection``) among the module's submodules keeps its
+  state: the values of its state tensors and lists and its bookkeeping (``update_count``, cached
+  results, compute-group flags) are restored in place, so shared states (``MetricCollection``
+  compute groups) stay shared;
 - the global RNGs (torch CPU and CUDA, Python's ``random``, NumPy's) are restored;
 - every module's train/eval flag and every buffer (BatchNorm running statistics) are restored;
 - ``scaled_dot_product_attention`` runs its math backend (the fused kernels have no double
-  backward), and ``torch.compile``'d code runs eagerly (``torch.compiler.set_stance("force_eager")``:
-  compiled modules run their ``_orig_mod``; aot_autograd has no double backward).
+  backward), and ``torch.compile``'d code runs eagerly (compiled modules run their ``_orig_mod``,
+  and ``torch.compiler.set_stance("force_eager")`` where available; aot_autograd has no double
+  backward).
 
 :func:`step_loss` calls ``training_step`` with the arguments its signature takes, as Lightning does.
 """
@@ -23,7 +25,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import random
 import sys
 from typing import Any, Iterator
@@ -43,9 +44,9 @@ def _nothing(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-@functools.cache
 def _inert_class(cls: type) -> type:
-    """A subclass of ``cls`` whose ``step`` and ``zero_grad`` do nothing (``step(closure)`` runs the closure)."""
+    """A subclass of ``cls`` whose ``step`` and ``zero_grad`` do nothing (``step(closure)`` runs the closure).
+    Not cached: Lightning makes a class per optimizer instance, and a cache would keep them all alive."""
     return type(f"Inert{cls.__name__}", (cls,), {"step": _inert_step, "zero_grad": _nothing, "__del__": _nothing})
 
 
@@ -132,11 +133,12 @@ def _metric_restore(metric: Any, attributes: dict[str, Any], contents: dict[str,
 @contextlib.contextmanager
 def _metrics_kept(module: torch.nn.Module) -> Iterator[None]:
     try:
-        from torchmetrics import Metric
+        from torchmetrics import Metric, MetricCollection
     except ImportError:  # no torchmetrics, no metric to keep
         yield
         return
-    snapshots = [(m, *_metric_snapshot(m)) for m in module.modules() if isinstance(m, Metric)]
+    kept = (Metric, MetricCollection)  # a collection's own flags (compute groups, state copies) too
+    snapshots = [(m, *_metric_snapshot(m)) for m in module.modules() if isinstance(m, kept)]
     try:
         yield
     finally:
@@ -172,13 +174,24 @@ def _modes_and_buffers_kept(module: torch.nn.Module) -> Iterator[None]:
                 buffer.copy_(saved)
 
 
-def _twice_differentiable() -> contextlib.ExitStack:
-    """Math SDPA backend and eager execution of compiled code, for double backward."""
-    stack = contextlib.ExitStack()
+@contextlib.contextmanager
+def _twice_differentiable(module: torch.nn.Module) -> Iterator[None]:
+    """Math SDPA backend, and compiled code run eagerly: every ``torch.compile``'d submodule
+    (``OptimizedModule``) calls its ``_orig_mod``, ``nn.Module.compile()`` is bypassed, and (torch
+    >= 2.6) ``set_stance("force_eager")`` covers compiled functions too."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
-    stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-    stack.enter_context(torch.compiler.set_stance("force_eager"))
-    return stack
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        for submodule in module.modules():
+            original = getattr(submodule, "_orig_mod", None)
+            if isinstance(original, torch.nn.Module):
+                stack.enter_context(_shadowed(submodule, {"forward": original.__call__}))
+            if getattr(submodule, "_compiled_call_impl", None) is not None:
+                stack.enter_context(_shadowed(submodule, {"_compiled_call_impl": None}))
+        if hasattr(torch.compiler, "set_stance"):
+            stack.enter_context(torch.compiler.set_stance("force_eager"))
+        yield
 
 
 @contextlib.contextmanager
@@ -193,23 +206,21 @@ def isolated(module: torch.nn.Module, train_mode: bool, recorder: StepRecorder) 
         stack.enter_context(_modes_and_buffers_kept(module))
         stack.enter_context(_metrics_kept(module))
         stack.enter_context(_shadowed(module, _module_shadows(module, recorder)))
-        stack.enter_context(_twice_differentiable())
+        stack.enter_context(_twice_differentiable(module))
         stack.enter_context(torch.enable_grad())
         if not train_mode:
             module.eval()
         yield
 
 
-def step_loss(module: Any, batch: Any, dataloader_idx: int | None, recorder: StepRecorder) -> Tensor:
+def step_loss(module: Any, batch: Any, recorder: StepRecorder) -> Tensor:
     """The loss of ``training_step`` on ``batch`` (``batch_idx=0``), called with the arguments its
     signature takes. Under manual optimization it is the loss given to ``manual_backward``."""
-    step = getattr(module, "_compiler_ctx", None) or {}
-    step = step.get("original_training_step", module.training_step)
+    compiled = getattr(module, "_compiler_ctx", None) or {}  # a LightningModule compiled through Lightning
+    step = compiled.get("original_training_step", module.training_step)
     args: list[Any] = [batch]
-    if is_param_in_hook_signature(step, "batch_idx", min_args=2):
+    if is_param_in_hook_signature(step, "batch_idx", min_args=2):  # as Lightning's training loop decides
         args.append(0)
-        if dataloader_idx is not None and is_param_in_hook_signature(step, "dataloader_idx", min_args=3):
-            args.append(dataloader_idx)
     recorder.losses = []
     output = step(*args)
     if len(recorder.losses) > 1:

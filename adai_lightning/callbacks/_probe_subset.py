@@ -14,9 +14,9 @@ order for the rest of training). So the subset is never taken by iterating a tra
 - a ``dataloader=`` that is not a ``DataLoader`` (any iterable of batches): its first batches
   until they hold ``num_samples`` samples (counted as Lightning does, ``extract_batch_size``);
 - a dict, list or tuple of loaders (Lightning's ``CombinedLoader``): each loader's subset as above,
-  then combined as the ``CombinedLoader`` mode combines them (``{"a": batch_a, "b": batch_b}``
-  with the shorter lists cycled, or in ``"sequential"`` mode each loader's batches in turn with
-  their ``dataloader_idx``).
+  combined as the ``CombinedLoader`` mode combines them in training (``{"a": batch_a, "b":
+  batch_b}``; ``"max_size_cycle"``: as many batches as the longest subset, the shorter ones
+  cycled; ``"min_size"``: as many as the shortest; ``"max_size"``: the exhausted ones None).
 
 :class:`SubsetRecord` holds what was chosen (per loader: the dataset indices, or how many leading
 items or batches were taken) and goes into the callback's checkpoint, so a resumed run evaluates
@@ -39,11 +39,10 @@ class ProbeError(RuntimeError):
 
 
 class ProbeBatch(NamedTuple):
-    """One batch of the subset: the data as ``training_step`` receives it, the ``dataloader_idx`` to
-    pass (sequential ``CombinedLoader`` only), and its weight in the mean loss (weights sum to 1)."""
+    """One batch of the subset, as ``training_step`` receives it, and its weight in the mean loss
+    (the weights of the subset sum to 1)."""
 
     data: Any
-    dataloader_idx: int | None
     weight: float
 
 
@@ -155,16 +154,15 @@ def evaluation_batches(loaders: Any, mode: str, num_samples: int, seed: int,
     if kind == "single":
         pairs = per_leaf[None]
         total = sum(count for _, count in pairs)
-        return [ProbeBatch(batch, None, count / total) for batch, count in pairs], new_records
-    if mode == "sequential":
-        flat = [(batch, idx) for idx, (key, _) in enumerate(leaves) for batch, _ in per_leaf[key]]
-        return [ProbeBatch(batch, idx, 1.0 / len(flat)) for batch, idx in flat], new_records
-    length = max(len(pairs) for pairs in per_leaf.values())  # the shorter ones cycle, as in "max_size_cycle"
+        return [ProbeBatch(batch, count / total) for batch, count in pairs], new_records
+    lengths = [len(pairs) for pairs in per_leaf.values()]
+    length = min(lengths) if mode == "min_size" else max(lengths)
     combined = []
     for i in range(length):
-        parts = {key: pairs[i % len(pairs)][0] for key, pairs in per_leaf.items()}
+        parts = {key: pairs[i % len(pairs)][0] if mode != "max_size" or i < len(pairs) else None
+                 for key, pairs in per_leaf.items()}
         combined.append(parts if kind == "dict" else [parts[k] for k, _ in leaves])
-    return [ProbeBatch(batch, None, 1.0 / length) for batch in combined], new_records
+    return [ProbeBatch(batch, 1.0 / length) for batch in combined], new_records
 
 
 def expected_batches(loaders: Any, num_samples: int) -> int:

@@ -37,9 +37,10 @@ class HessianSharpness(ProbedCallback):
     ``sharpness/trace`` and ``sharpness/trace_stderr`` (``trace_method`` "hutchinson" or "hutch++",
     Rademacher probes; Hutch++ needs ``trace_samples >= 3``).
 
-    Cost per cadence point, in Hessian-vector products (with a one-batch subset the first-order
-    graph is built once and each product is one more backward through it; with several batches, the
-    default, each product redoes a forward and a double backward per batch): ``lanczos_iters`` (default ``max(20, 3 top_k + 10)``)
+    Cost per cadence point, in Hessian-vector products (with a one-batch subset, or with
+    ``keep_graphs=True``, each batch's first-order graph is built once and each product is one more
+    backward through it; with several batches and ``keep_graphs=None``, the default, each product
+    redoes a forward and a double backward per batch, holding one batch's graph at a time): ``lanczos_iters`` (default ``max(20, 3 top_k + 10)``)
     for Lanczos, at most ``top_k * power_iters`` for power iteration, plus ``trace_samples``, plus for
     the stability ratio of an optimizer with per-element step sizes (Adai, Adam) one more Lanczos
     run of ``lanczos_iters`` on the scaled operator (SGD's ratio is arithmetic on lambda_max). The
@@ -56,9 +57,10 @@ class HessianSharpness(ProbedCallback):
                  top_k: int = 2, method: str = "lanczos", trace_samples: int = 0, trace_method: str = "hutchinson",
                  lanczos_iters: int | None = None,
                  power_iters: int = 100, dataloader: Any = None, loss_fn: LossFn | None = None,
-                 train_mode: bool = True, on_error: str = "warn", seed: int = 0) -> None:
+                 train_mode: bool = True, on_error: str = "warn", seed: int = 0,
+                 keep_graphs: bool | None = None) -> None:
         super().__init__(every_n_train_steps, every_n_epochs, max_overhead, num_samples, dataloader, loss_fn,
-                         train_mode, on_error, seed)
+                         train_mode, on_error, seed, keep_graphs)
         check_int("top_k", top_k, 1)
         check_choice("method", method, ("lanczos", "power"))
         check_int("trace_samples", trace_samples, 0)

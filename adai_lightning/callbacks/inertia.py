@@ -70,9 +70,20 @@ def _full(tensor: Tensor) -> Tensor:
     return full_tensor() if full_tensor is not None else tensor
 
 
-def _module_of(name: str) -> str:
-    """Top-level entry of a parameter name: its first child module (or the parameter itself)."""
-    return name.split(".", 1)[0]
+def module_keys(names: Iterable[str]) -> dict[str, str]:
+    """``parameter name -> module key``: the module below the deepest prefix every name shares.
+
+    Normally the top-level child (``body.0.weight -> body``); when a module keeps everything in one
+    attribute (``self.model``, ``self.net``), the level below it (``model.layer1.0.weight ->
+    model.layer1``), and so on down while a single child holds every parameter. A key is never a
+    whole parameter name unless the parameter sits at that level itself.
+    """
+    names = list(names)
+    parts = [name.split(".") for name in names]
+    depth = 0
+    while len({p[depth] for p in parts}) == 1 and all(len(p) > depth + 2 for p in parts):
+        depth += 1
+    return {name: ".".join(p[:depth + 1]) for name, p in zip(names, parts)}
 
 
 def _sample(values: Tensor) -> Tensor:
@@ -93,6 +104,7 @@ def parameter_names(module: torch.nn.Module, optimizer: Optimizer) -> dict[int, 
 def _local_inertia(optimizer: Adai, names: dict[int, str]) -> dict[str, ParamInertia]:
     """Every stepped, non-empty parameter's beta1 from :meth:`Adai.inertia`, as device tensors (no host sync)."""
     eps = {id(param): group["eps"] for group in optimizer.param_groups for param in group["params"]}
+    modules = module_keys(names.values())
     out = {}
     for inertia in optimizer.inertia():
         if inertia.param.numel() == 0:
@@ -100,7 +112,7 @@ def _local_inertia(optimizer: Adai, names: dict[int, str]) -> dict[str, ParamIne
         beta1 = _full(inertia.beta1).detach().reshape(-1)
         bound = beta1.new_full((), 1.0 - eps[id(inertia.param)])  # the clamp's own bound, in beta1's dtype
         name = names[id(inertia.param)]
-        out[name] = ParamInertia(_module_of(name), beta1.float(), (beta1 <= 0).sum(), (beta1 >= bound).sum(),
+        out[name] = ParamInertia(modules[name], beta1.float(), (beta1 <= 0).sum(), (beta1 >= bound).sum(),
                                  _full(inertia.ratio).detach().float().sum())
     return out
 
@@ -162,7 +174,7 @@ def _histogram(row: list[float], num: int) -> Histogram:
 
 def _scopes(names: Iterable[str], module_of: Callable[[str], str], per_parameter: bool
             ) -> Iterator[tuple[str, list[str]]]:
-    """``(key prefix, member names)`` for each parameter (if asked), each top-level module, and all."""
+    """``(key prefix, member names)`` for each parameter (if asked), each module (:func:`module_keys`), and all."""
     names = list(names)
     if per_parameter:
         for name in names:
@@ -249,8 +261,9 @@ def constant_statistics(optimizer: Optimizer, read: Callable[[dict], float], nam
     """``{"<scope>/<stat>": value}`` for an optimizer whose momentum is one number per param group."""
     momentum = {names[id(param)]: (float(read(group)), param.numel())
                 for group in optimizer.param_groups for param in group["params"] if param.numel() > 0}
+    modules = module_keys(names.values())
     return {key + stat: value
-            for key, members in _scopes(momentum, _module_of, per_parameter)
+            for key, members in _scopes(momentum, modules.__getitem__, per_parameter)
             for stat, value in constant_summary(momentum[name] for name in members).items()}
 
 
@@ -264,9 +277,11 @@ class InertiaMonitor(CadencedCallback):
 
     At each cadence point, for Adai/AdaiW (read through :meth:`Adai.inertia`, no recomputation):
     mean, std, quantiles 5/25/50/75/95 of beta1, the fractions clipped at 0 and at ``1 - eps``,
-    and the mean of ``vhat / vbar``; keys ``inertia/param/<name>/<stat>``,
-    ``inertia/module/<module>/<stat>`` and ``inertia/global/<stat>`` (with several optimizers,
-    ``inertia/opt<i>/...`` for the i-th of ``trainer.optimizers``). SGD and Adam/AdamW log their
+    and the mean of ``vhat / vbar``; keys ``inertia/module/<module>/<stat>`` and
+    ``inertia/global/<stat>``, and with ``per_parameter=True`` also ``inertia/param/<name>/<stat>``
+    (with several optimizers, ``inertia/opt<i>/...`` for the i-th of ``trainer.optimizers``). A
+    module is a top-level child of the LightningModule, or the level below when one child holds
+    every parameter (``self.model``, ``self.net``; see :func:`module_keys`), for every optimizer alike. SGD and Adam/AdamW log their
     constant momentum under the same keys (no ``ratio_mean``); other optimizers: one warning, no keys.
     Histograms of beta1 per module and globally go to TensorBoard when ``histograms`` is set.
 
@@ -276,12 +291,13 @@ class InertiaMonitor(CadencedCallback):
     Args:
         every_n_train_steps: log after every n-th optimizer step (None: never by steps).
         every_n_epochs: log at the end of every n-th training epoch (None: never by epochs).
-        per_parameter: also log one series per parameter tensor (many keys for big models).
+        per_parameter: also log one series per parameter tensor (off by default: hundreds of keys
+            on big models; the per-module series stay readable).
         histograms: add beta1 histograms to loggers that support them (TensorBoard).
     """
 
     def __init__(self, every_n_train_steps: int | None = 50, every_n_epochs: int | None = None,
-                 per_parameter: bool = True, histograms: bool = True) -> None:
+                 per_parameter: bool = False, histograms: bool = True) -> None:
         super().__init__(every_n_train_steps, every_n_epochs)
         for name, value in (("per_parameter", per_parameter), ("histograms", histograms)):
             if not isinstance(value, bool):

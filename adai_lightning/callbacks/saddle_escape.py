@@ -93,9 +93,10 @@ class SaddleEscapeMonitor(ProbedCallback):
                  escape_fraction: float = DEFAULT_DROP_FRACTION, num_samples: int = DEFAULT_NUM_SAMPLES,
                  method: str = "lanczos",
                  lanczos_iters: int = 20, power_iters: int = 100, dataloader: Any = None, loss_fn: LossFn | None = None,
-                 train_mode: bool = True, on_error: str = "warn", seed: int = 0) -> None:
+                 train_mode: bool = True, on_error: str = "warn", seed: int = 0,
+                 keep_graphs: bool | None = None) -> None:
         super().__init__(every_n_train_steps, every_n_epochs, max_overhead, num_samples, dataloader, loss_fn,
-                         train_mode, on_error, seed)
+                         train_mode, on_error, seed, keep_graphs)
         try:
             self.detector = PlateauDetector(plateau_window, plateau_min_steps, plateau_tolerance, escape_fraction)
         except ValueError as error:  # name the argument as this callback calls it
@@ -214,9 +215,9 @@ class SaddleEscapeMonitor(ProbedCallback):
             momentum = self._momentum(trainer, params)
             if momentum is not None:
                 metrics["saddle/momentum_drift"] = _cosine(-momentum, direction)
-            if self._params_before is not None:
-                update = flatten([p.detach() for p in params]) - self._params_before
-                metrics["saddle/update_drift"] = _cosine(update, direction)
+            after = flatten([p.detach() for p in params])
+            if self._params_before is not None and self._params_before.shape == after.shape:  # not if toggled
+                metrics["saddle/update_drift"] = _cosine(after - self._params_before, direction)
         self._grad_norm = self._params_before = None
         log_scalars(trainer, metrics)
 

@@ -1,0 +1,154 @@
+"""The Hessian probe's evaluation subset and train-mode default, against exact references."""
+
+from __future__ import annotations
+
+import csv
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from adai_lightning.callbacks import HessianSharpness
+from adai_lightning.callbacks import _probe_subset
+from adai_lightning.callbacks._hessian_probe import HVP_COST_IN_STEPS, REBUILT_GRAPH_FACTOR, HessianProbe
+from adai_lightning.callbacks._probe_subset import choose_indices
+from adai_lightning.curvature.hvp import flatten, unflatten
+
+
+class BatchNormNet(pl.LightningModule):
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 2)).to(dtype)
+
+    def training_step(self, batch, batch_idx):
+        loss = F.cross_entropy(self.net(batch[0]), batch[1])
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def data(n, dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 3, generator=generator).to(dtype), torch.randint(0, 2, (n,), generator=generator))
+
+
+def dense_hessian(operator):
+    return torch.stack([operator(e) for e in torch.eye(operator.dim, dtype=torch.float64)])
+
+
+def exact_hessian(module, batches, train):
+    """``torch.autograd.functional.hessian`` of the weighted mean of the batch losses, modules in
+    train (batch statistics) or eval mode."""
+    names = [name for name, _ in module.net.named_parameters()]
+    params = [p.detach() for p in module.net.parameters()]
+    buffers = {name: b.clone() for name, b in module.net.named_buffers()}
+    module.net.train(train)
+
+    def loss(flat):
+        weights = dict(zip(names, unflatten(flat, params)))
+        return sum(w * F.cross_entropy(torch.func.functional_call(module.net, {**weights, **buffers}, (x,)), y)
+                   for (x, y), w in batches)
+
+    return torch.autograd.functional.hessian(loss, flatten(params))
+
+
+@pytest.mark.parametrize("train_mode,keep_graphs", [(True, None), (False, None), (True, True)])
+def test_probe_hessian_equals_the_exact_hessian_in_float64(train_mode, keep_graphs):
+    """Default train mode: BatchNorm normalises each subset batch with its own statistics, the
+    objective training optimizes; 10 samples in batches of 4, 4 and 2 weigh 0.4, 0.4 and 0.2.
+    ``keep_graphs=True`` builds each batch's first-order graph once for all products."""
+    module = BatchNormNet(torch.float64).train()
+    dataset = data(20, torch.float64)
+    probe = HessianProbe("test", 10, DataLoader(dataset, batch_size=4), None, train_mode, "raise", seed=1,
+                         keep_graphs=keep_graphs)
+    running = [b.clone() for b in module.buffers()]
+    operators = []
+    dense = probe.run(None, module, lambda operator: operators.append(operator) or dense_hessian(operator))
+    assert operators[0].num_graph_builds == (3 if keep_graphs else 3 * operators[0].dim)
+    assert all(torch.equal(a, b) for a, b in zip(running, module.buffers())) and module.training
+    indices = probe.records[""].indices
+    assert indices == choose_indices(20, 10, 1) and len(set(indices)) == 10
+    batches = [(dataset[indices[i:i + 4]], len(indices[i:i + 4]) / 10) for i in range(0, 10, 4)]
+    exact = exact_hessian(module, batches, train_mode)
+    torch.testing.assert_close(dense, exact, rtol=1e-9, atol=1e-11)
+    other = exact_hessian(module, batches, not train_mode)
+    assert not torch.allclose(other, exact, rtol=1e-3)  # train and eval mode are different objectives
+
+
+def test_estimated_cost_counts_the_batches_of_the_subset():
+    trainer = SimpleNamespace(train_dataloader=DataLoader(data(100), batch_size=8), fit_loop=SimpleNamespace(
+        _combined_loader=None))
+    callback = HessianSharpness(num_samples=30)  # 4 batches of 8 (the last of 6), 20 products each
+    assert callback.estimated_cost(trainer, 0.01) == pytest.approx(
+        HVP_COST_IN_STEPS * REBUILT_GRAPH_FACTOR * 20 * 4 * 0.01)
+    assert HessianSharpness(num_samples=8).estimated_cost(trainer, 0.01) == pytest.approx(HVP_COST_IN_STEPS * 20 * 0.01)
+
+
+def _fit(tmp_path, callback, ckpt_path=None, extra=()):
+    pl.seed_everything(0)
+    trainer = pl.Trainer(max_steps=8, accelerator="cpu", devices=1, callbacks=[callback, *extra],
+                         logger=pl.loggers.CSVLogger(tmp_path / "logs"), enable_progress_bar=False,
+                         enable_model_summary=False, log_every_n_steps=1, deterministic=True,
+                         default_root_dir=tmp_path)
+    module = BatchNormNet()
+    trainer.fit(module, DataLoader(data(64), batch_size=16), ckpt_path=ckpt_path)
+    with open(f"{trainer.logger.log_dir}/metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    return module, {int(r["step"]): float(r["sharpness/lambda_max"]) for r in rows if r.get("sharpness/lambda_max")}
+
+
+def test_the_subset_survives_a_checkpoint_and_gives_the_same_lambda_max_after_resume(tmp_path, monkeypatch):
+    """The indices go into the checkpoint; the resumed callback reuses them (choosing new ones would
+    raise here) and, on the checkpoint's weights, measures exactly the lambda_max logged before it."""
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    first = HessianSharpness(every_n_train_steps=4, num_samples=24, lanczos_iters=12, seed=3)
+    _, uninterrupted = _fit(tmp_path / "first", first, extra=[saver])
+    assert sorted(uninterrupted) == [3, 7]
+    checkpoint = tmp_path / "ckpt" / "epoch=0-step=4.ckpt"
+    saved = torch.load(checkpoint, weights_only=False)["callbacks"]
+    (state,) = [s for key, s in saved.items() if key.startswith("HessianSharpness")]
+    assert state["probe"]["subset"][""]["indices"] == choose_indices(64, 24, 3)
+
+    def no_new_choice(*args):
+        raise AssertionError("the resumed probe chose a new subset")
+
+    monkeypatch.setattr(_probe_subset, "choose_indices", no_new_choice)
+    resumed = HessianSharpness(every_n_train_steps=4, num_samples=24, lanczos_iters=12, seed=3)
+    at_resume = {}
+
+    class MeasureAtResume(pl.Callback):
+        def on_train_start(self, trainer, pl_module):  # the checkpoint's weights, before any step
+            at_resume.update(resumed.probe.run(trainer, pl_module, resumed._measure))
+
+    _fit(tmp_path / "resumed", resumed, ckpt_path=checkpoint, extra=[MeasureAtResume()])
+    assert resumed.probe.records[""].indices == state["probe"]["subset"][""]["indices"]
+    assert at_resume["sharpness/lambda_max"] == uninterrupted[3]
+
+
+@pytest.mark.parametrize("mode,expected", [("max_size_cycle", [(0, 0), (1, 1), (2, 0)]),
+                                           ("min_size", [(0, 0), (1, 1)]), ("max_size", [(0, 0), (1, 1), (2, None)])])
+def test_a_dict_of_loaders_is_combined_as_the_combined_loader_mode_does(mode, expected):
+    """12 samples per loader: 3 batches of 4 from "a", 2 batches (6 + 6) from "b"."""
+    loaders = {"a": DataLoader(data(20, seed=1), batch_size=4), "b": DataLoader(data(30, seed=2), batch_size=6)}
+    batches, records = _probe_subset.evaluation_batches(loaders, mode, 12, 0, None, from_trainer=True)
+    assert [len(records[k].indices) for k in "ab"] == [12, 12]
+    a, b = (loaders[k].dataset for k in "ab")
+    for batch, (i, j) in zip(batches, expected, strict=True):
+        torch.testing.assert_close(batch.data["a"][0], a[records["a"].indices[4 * i:4 * i + 4]][0])
+        if j is None:
+            assert batch.data["b"] is None
+        else:
+            torch.testing.assert_close(batch.data["b"][0], b[records["b"].indices[6 * j:6 * j + 6]][0])
+    assert sum(batch.weight for batch in batches) == pytest.approx(1.0)
+
+
+def test_a_train_loader_that_is_not_a_dataloader_is_refused_with_the_fix():
+    with pytest.raises(_probe_subset.ProbeError, match="pass dataloader="):
+        _probe_subset.evaluation_batches([[torch.zeros(2)]], "max_size_cycle", 4, 0, None, from_trainer=True)
