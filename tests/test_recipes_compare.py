@@ -54,7 +54,7 @@ def test_compare_two_optimizers_on_the_default_recipe(tmp_path):
                    "--trainer.enable_progress_bar", "false")
     assert "2/2 done" in proc.stdout
     table = (tmp_path / "cmp" / "compare.md").read_text().splitlines()
-    assert table[2].startswith("| optimizer | final train loss | test acc | test loss | lambda_max |")
+    assert table[2].startswith("| optimizer | final train loss | test acc | test loss |")  # 3 steps: no lambda_max yet
     assert table[4].startswith("| Adai | ") and table[5].startswith("| SGD | ") and "(n=1)" in table[4]
     assert any(line.startswith("| Adai - SGD | ") and "Adai lower in" in line for line in table)
     for name in ("Adai_seed0", "SGD_seed0"):
