@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from functools import partial
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
@@ -128,7 +129,7 @@ def test_the_subset_survives_a_checkpoint_and_gives_the_same_lambda_max_after_re
 
     class MeasureAtResume(pl.Callback):
         def on_train_start(self, trainer, pl_module):  # the checkpoint's weights, before any step
-            at_resume.update(resumed.probe.run(trainer, pl_module, resumed._measure))
+            at_resume.update(resumed.probe.run(trainer, pl_module, partial(resumed._measure, trainer)))
 
     _fit(tmp_path / "resumed", resumed, ckpt_path=checkpoint, extra=[MeasureAtResume()])
     assert resumed.probe.records[""].indices == state["probe"]["subset"][""]["indices"]
