@@ -125,15 +125,15 @@ def inertia_from_ratio(ratio: Tensor, hyper: AdaiHyper) -> Tensor:
 
 
 def safe_mean(total: Tensor, count: int | Tensor) -> Tensor:
-    """``total / count``, with 1 where the sum is 0 so that ``vhat / vbar`` stays 0, never NaN.
+    """``total / count``, with 1 where the mean is 0 so that ``vhat / vbar`` stays 0, never NaN.
 
-    ``vhat >= 0`` elementwise and ``vbar`` is their mean, so a zero sum means every ``vhat`` is 0
-    (or there is no element at all: only 0-element parameters had gradients, ``0 / 0``), and
+    ``vhat >= 0`` elementwise and ``vbar`` is their mean, so a zero mean means every ``vhat`` is 0
+    (or there is no element at all: only 0-element parameters had gradients, taken as ``0 / 1``), and
     ``vhat / 1 == 0`` is the intended ratio (every beta1 becomes ``1 - eps``). A NaN or infinite
     sum (a non-finite gradient reached ``v``) stays as it is: such a state must show.
     """
-    vbar = total / count
-    return torch.where((total == 0) | (vbar == 0), torch.ones_like(vbar), vbar)
+    vbar = total / (count.clamp(min=1) if isinstance(count, Tensor) else max(count, 1))  # no element: 0 / 1
+    return torch.where(vbar == 0, torch.ones_like(vbar), vbar)
 
 
 def _sum_dtype(exp_avg_sqs: list[Tensor]) -> torch.dtype:
