@@ -305,8 +305,8 @@ PANELS = (plot_loss, plot_accuracy, plot_inertia, plot_sharpness, plot_stability
 
 def summary(metrics: Metrics) -> dict[str, float]:
     """Final values of the headline metrics that were logged."""
-    keys = ("test/acc", "test/loss", "val/acc", "val/loss", "sharpness/lambda_max", "sharpness/stability_ratio",
-            "saddle/escapes")
+    keys = ("test/acc", "test/loss", "val/acc", "val/loss", "sharpness/lambda_max", "sharpness/trace",
+            "sharpness/trace_stderr", "sharpness/stability_ratio", "saddle/escapes")
     return {k: metrics.last(k) for k in keys if metrics.has(k)}
 
 
