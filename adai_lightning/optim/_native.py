@@ -34,14 +34,13 @@ import platform
 import shutil
 import subprocess
 import tempfile
-import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from adai_lightning.optim._functional import AdaiHyper, bias_correction
-from adai_lightning.optim._fused import _flat
+from adai_lightning.optim._fused import _flat, warn_once
 
 SOURCE = Path(__file__).with_name("adai_cpu.c")
 #: Compiler flags to try in order: a compiler without OpenMP (Apple's clang) gets a one-thread build.
@@ -159,10 +158,7 @@ def use_native(params: list[Tensor], grads: list[Tensor], state_dtype: torch.dty
     library = _library()
     if not isinstance(library, str):
         return True
-    if library not in _warned:
-        _warned.add(library)
-        warnings.warn(f"Adai's native CPU step is unavailable, using the compiled or foreach path: {library}",
-                      stacklevel=3)
+    warn_once(_warned, library, f"Adai's native CPU step is unavailable, using the compiled or foreach path: {library}")
     return False
 
 
