@@ -97,11 +97,8 @@ class SaddleEscapeMonitor(ProbedCallback):
                  keep_graphs: bool | None = None) -> None:
         super().__init__(every_n_train_steps, every_n_epochs, max_overhead, num_samples, dataloader, loss_fn,
                          train_mode, on_error, seed, keep_graphs)
-        try:
-            self.detector = PlateauDetector(plateau_window, plateau_min_steps, plateau_tolerance, escape_fraction)
-        except ValueError as error:  # name the argument as this callback calls it
-            detector_name = str(error).split(":")[0].removeprefix("Invalid ")
-            raise ValueError(str(error).replace(detector_name, DETECTOR_ARGUMENTS[detector_name], 1)) from None
+        self.detector = PlateauDetector(plateau_window, plateau_min_steps, plateau_tolerance, escape_fraction,
+                                        names=DETECTOR_ARGUMENTS)
         check_choice("method", method, ("lanczos", "power"))
         check_int("lanczos_iters", lanczos_iters, 2)
         check_int("power_iters", power_iters, 1)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 #: The defaults: a 25-step median, plateaus of >= 50 steps within a factor 1.5, escapes to a quarter.
@@ -54,15 +55,18 @@ class PlateauDetector:
     drop may take from leaving the plateau to ``drop_fraction`` of its level; ``tolerance``: the
     plateau's band is a factor ``1 + tolerance`` either side; ``drop_fraction`` in (0, 1 / (1 +
     tolerance)): how far below the level the median must fall for an escape. Non-finite losses are
-    ignored; losses <= 0 count as 1e-30 (the log needs a positive value).
+    ignored; losses <= 0 count as 1e-30 (the log needs a positive value). ``names`` maps these
+    argument names to the caller's own, for its error messages.
     """
 
     def __init__(self, window: int = DEFAULT_WINDOW, min_steps: int = DEFAULT_MIN_STEPS,
-                 tolerance: float = DEFAULT_TOLERANCE, drop_fraction: float = DEFAULT_DROP_FRACTION) -> None:
-        _check("window", window, 0, None, integer=True)
-        _check("min_steps", min_steps, 0, None, integer=True)
-        _check("tolerance", tolerance, 0, None, integer=False)
-        _check("drop_fraction", drop_fraction, 0, 1 / (1 + tolerance), integer=False)
+                 tolerance: float = DEFAULT_TOLERANCE, drop_fraction: float = DEFAULT_DROP_FRACTION,
+                 names: Mapping[str, str] | None = None) -> None:
+        label = (names or {}).get
+        _check(label("window", "window"), window, 0, None, integer=True)
+        _check(label("min_steps", "min_steps"), min_steps, 0, None, integer=True)
+        _check(label("tolerance", "tolerance"), tolerance, 0, None, integer=False)
+        _check(label("drop_fraction", "drop_fraction"), drop_fraction, 0, 1 / (1 + tolerance), integer=False)
         self.window, self.min_steps = window, min_steps
         self.band = math.log1p(tolerance)
         self.drop = math.log(drop_fraction)
