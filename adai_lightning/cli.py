@@ -5,7 +5,8 @@ LightningCLI (``fit``, ``validate``, ``test``, ``predict``), with omegaconf inte
 ``adai-lightning report RUN_DIR`` and ``adai-lightning compare --config RECIPE ...`` render a run's logs.
 
 A configuration error (an out-of-range or mistyped argument, a bad callback argument, a missing dataset
-or checkpoint) prints ``error: <one line>`` and exits with status 2; ``--debug`` (anywhere on the
+or checkpoint) and an output folder that cannot take the run's files (a full disk, a read-only folder)
+print ``error: <one line>`` and exit with status 2; ``--debug`` (anywhere on the
 command line) or ``ADAI_LIGHTNING_DEBUG=1`` shows the full traceback instead. ``--ckpt_path last``
 resumes from the newest checkpoint that loads (see ``adai_lightning.recipes.checkpointing``).
 """
@@ -28,7 +29,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, _global_add_class_path, instantiate_class
 
 import adai_lightning  # noqa: F401  (registers Adai and AdaiW as torch optimizers for the parser)
-from adai_lightning.recipes.checkpointing import CheckpointError, resolve_checkpoint
+from adai_lightning.recipes.checkpointing import CheckpointError, OutputWriteError, resolve_checkpoint
 from adai_lightning.recipes.vision_data import MissingDataError
 
 #: Short optimizer names that resolve to this package even when another imported package
@@ -103,7 +104,8 @@ class AdaiCLI(LightningCLI):
 
     A configuration error raises :class:`ConfigurationError` with a one-line message: every
     ``CONFIGURATION_ERRORS`` exception until the subcommand starts (parsing, building the classes,
-    finding the checkpoint), and ``RUN_TIME_CONFIGURATION_ERRORS`` after (a missing dataset).
+    finding the checkpoint), and ``RUN_TIME_CONFIGURATION_ERRORS`` after (a missing dataset), and at any
+    time an output file that cannot be written (:class:`OutputWriteError`: full disk, read-only folder).
     """
 
     def __init__(self, *args, **kwargs) -> None:
@@ -119,10 +121,22 @@ class AdaiCLI(LightningCLI):
         self._running = False
         try:
             super().__init__(*args, parser_kwargs=parser_kwargs, **kwargs)
-        except CONFIGURATION_ERRORS as error:
-            if self._running and not isinstance(error, RUN_TIME_CONFIGURATION_ERRORS):
+        except Exception as error:
+            message = self._user_error(error)
+            if message is None:
                 raise
-            raise ConfigurationError(one_line(error)) from error
+            raise ConfigurationError(message) from error
+
+    def _user_error(self, error: Exception) -> str | None:
+        """One line for an error the user fixes (a configuration error, a full or read-only output
+        folder), ``None`` for a failure of the code (its traceback is shown)."""
+        unwritable = OutputWriteError.found_in(error)
+        if unwritable is not None:
+            return str(unwritable)
+        if isinstance(error, RUN_TIME_CONFIGURATION_ERRORS) or \
+                (not self._running and isinstance(error, CONFIGURATION_ERRORS)):
+            return one_line(error)
+        return None
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI reads an explicit ``ckpt_path``'s hyperparameters while parsing: a file that does
