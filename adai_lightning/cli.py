@@ -8,7 +8,9 @@ A configuration error (an out-of-range or mistyped argument, a bad callback argu
 or checkpoint) and an output folder that cannot take the run's files (a full disk, a read-only folder)
 print ``error: <one line>`` and exit with status 2; ``--debug`` (anywhere on the
 command line) or ``ADAI_LIGHTNING_DEBUG=1`` shows the full traceback instead. ``--ckpt_path last``
-resumes from the newest checkpoint that loads (see ``adai_lightning.recipes.checkpointing``).
+resumes from the newest checkpoint that loads (see ``adai_lightning.recipes.checkpointing``); the
+optimizer's hyperparameters then come from the checkpoint, and a warning names each configured
+``--optimizer.*`` value that differs (it does not apply).
 """
 
 from __future__ import annotations
@@ -20,13 +22,16 @@ from argparse import ArgumentError
 from collections.abc import Sequence
 from functools import partial, update_wrapper
 from importlib import import_module
+from pathlib import Path
 from types import MethodType
 from typing import Any
 
+import torch
 from jsonargparse import set_parsing_settings
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, _global_add_class_path, instantiate_class
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 import adai_lightning  # noqa: F401  (registers Adai and AdaiW as torch optimizers for the parser)
 from adai_lightning.recipes.checkpointing import CheckpointError, OutputWriteError, resolve_checkpoint
@@ -67,6 +72,11 @@ def one_line(error: BaseException) -> str:
         error = error.__cause__
     message = " ".join(str(error).split()) or type(error).__name__
     return f"{key}: {message}" if key and not message.startswith("Parser key") else message
+
+
+def _comparable(value: Any) -> Any:
+    """A hyperparameter as a config gives it (lists) and as torch saves it (tuples), made comparable."""
+    return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 def _is_model_checkpoint(callback: Any) -> bool:
@@ -153,8 +163,24 @@ class AdaiCLI(LightningCLI):
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         if kwargs.get("ckpt_path") is not None:
             kwargs["ckpt_path"] = resolve_checkpoint(self.trainer, kwargs["ckpt_path"])
+            if subcommand == "fit" and Path(kwargs["ckpt_path"]).is_file():
+                self._warn_unapplied_optimizer_values(Path(kwargs["ckpt_path"]))
         self._running = True
         return kwargs
+
+    def _warn_unapplied_optimizer_values(self, path: Path) -> None:
+        """Resuming restores the optimizer's param groups from the checkpoint, so a configured
+        ``--optimizer.*`` value that differs from the saved one does not apply: warn, naming each."""
+        configured = self._automatic_init(self._parser("fit")._optimizers)
+        if not configured:
+            return
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        groups = [g for state in checkpoint.get("optimizer_states", []) for g in state.get("param_groups", [])]
+        for key, value in (configured.get("init_args") or {}).items():
+            saved = [g.get("initial_lr", g[key]) if key == "lr" else g[key] for g in groups if key in g]
+            if saved and _comparable(value) != _comparable(saved[0]):
+                rank_zero_warn(f"--optimizer.{key} {value} does not apply: resuming from {path} restores the "
+                               f"optimizer's saved {key} = {saved[0]}; start a new run to change it")
 
     def before_instantiate_classes(self) -> None:
         """``--trainer.enable_checkpointing false`` also drops the recipe's ``ModelCheckpoint`` callbacks

@@ -61,19 +61,22 @@ def fit_in_process(config: Path, *extra: str) -> None:
     main(["fit", "--config", str(config), *extra])
 
 
-def start_fit(config: Path, log: Path) -> subprocess.Popen:
-    """``adai-lightning fit --config config`` in a subprocess with this process's thread count (the
-    float reductions, hence the bits, depend on it)."""
+def start_fit(config: Path, log: Path, *extra: str) -> subprocess.Popen:
+    """``adai-lightning fit --config config`` in a subprocess (its own process group: DDP's ranks with it)
+    with this process's thread count (the float reductions, hence the bits, depend on it)."""
     env = clean_env()
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), env["PYTHONPATH"]])
     env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     with open(log, "w") as handle:
-        return subprocess.Popen([sys.executable, "-m", "adai_lightning", "fit", "--config", str(config)],
-                                cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        return subprocess.Popen([sys.executable, "-m", "adai_lightning", "fit", "--config", str(config), *extra],
+                                cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], delay: float, log: Path, timeout: float = 240) -> None:
-    """SIGKILL ``proc`` by PID ``delay`` seconds after ``ready()`` first holds (polled every 5 ms)."""
+def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], delay: float, log: Path, timeout: float = 240,
+              signum: int = signal.SIGKILL, group: bool = False) -> None:
+    """Send ``signum`` (SIGKILL: every process of its group when ``group``) to ``proc`` by PID ``delay``
+    seconds after ``ready()`` first holds (polled every 5 ms); SIGKILL must end it at once, SIGTERM and
+    SIGINT with exit status 128 + the signal."""
     deadline = time.monotonic() + timeout
     while not ready():
         if proc.poll() is not None:
@@ -83,8 +86,9 @@ def kill_when(proc: subprocess.Popen, ready: Callable[[], bool], delay: float, l
             raise AssertionError(f"kill point not reached in {timeout} s:\n{log.read_text()[-3000:]}")
         time.sleep(0.005)
     time.sleep(delay)
-    os.kill(proc.pid, signal.SIGKILL)
-    assert proc.wait(timeout=60) == -signal.SIGKILL, "the run finished before the kill"
+    (os.killpg if group else os.kill)(proc.pid, signum)
+    expected = -signal.SIGKILL if signum == signal.SIGKILL else 128 + signum
+    assert proc.wait(timeout=120) == expected, f"the run finished before the kill:\n{log.read_text()[-3000:]}"
 
 
 def files(folder: Path, pattern: str) -> list[Path]:
@@ -220,12 +224,12 @@ def references(tmp_path_factory) -> dict[str, Path]:
 
 
 def kill_and_resume(setting: dict, reference: Path, folder: Path, kill_point: Callable[[Path], Callable[[], bool]],
-                    delay: float = 0.0) -> tuple[int, dict[str, float]]:
-    """Start ``setting``'s fit in a subprocess, SIGKILL it at ``kill_point`` + ``delay``, resume it with
-    ``--ckpt_path last`` and compare with ``reference``: (the step resumed from, the deviations)."""
+                    delay: float = 0.0, signum: int = signal.SIGKILL) -> tuple[int, dict[str, float]]:
+    """Start ``setting``'s fit in a subprocess, send it ``signum`` at ``kill_point`` + ``delay``, resume
+    it with ``--ckpt_path last`` and compare with ``reference``: (the step resumed from, the deviations)."""
     run = folder / "run"
-    kill_when(start_fit(run_copy(setting, folder, slow_writes=True), folder / "killed.log"),
-              kill_point(run / "checkpoints"), delay, folder / "killed.log")
+    kill_when(start_fit(run_copy(setting, folder, slow_writes=signum == signal.SIGKILL), folder / "killed.log"),
+              kill_point(run / "checkpoints"), delay, folder / "killed.log", signum=signum)
     step = resume_step(run)
     fit_in_process(run_copy(setting, folder), "--ckpt_path", "last")
     return step, compare_runs(reference, run)
@@ -265,6 +269,24 @@ def test_kill_anywhere_resumes_bitwise(references, tmp_path, name):
     setting, ready, (low, high) = KILL_POINTS[name]
     delay = random.Random(name).uniform(low, high)
     step, deviations = kill_and_resume(SETTINGS[setting], references[setting], tmp_path, ready, delay)
+    assert_bitwise(step, deviations)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_mid_epoch_checkpoints_that_step_and_resumes_bitwise(fast_reference, tmp_path, signum):
+    """``adai-lightning fit`` signalled by PID 0-0.3 s after the checkpoint of step 5: it saves the step in
+    progress (no periodic save is due), exits 128 + signal, leaves a log ``adai-lightning report`` reads
+    (every row has its step), and ``--ckpt_path last`` ends bitwise equal to the uninterrupted run."""
+    delay = random.Random(int(signum)).uniform(0.0, 0.3)
+    step, deviations = kill_and_resume(FAST, fast_reference, tmp_path, lambda ckpts: saved(ckpts, 5), delay, signum)
+    assert 5 <= step < 10 and not files(tmp_path / "run" / "checkpoints", ".*.tmp")
+    (stopped, resumed) = sorted((tmp_path / "run" / "csv").glob("version_*/metrics.csv"))
+    header = stopped.read_text().splitlines()[0].split(",")
+    assert "step" in header and max(int(row[header.index("step")]) for row in
+                                    (line.split(",") for line in stopped.read_text().splitlines()[1:])) == step - 1
+    metrics = Metrics.read([stopped, resumed])
+    assert [s for s, _ in metrics.series["train/loss_step"]] == list(range(10))
     assert_bitwise(step, deviations)
 
 

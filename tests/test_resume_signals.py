@@ -65,6 +65,20 @@ class SignalAt(pl.Callback):
             os.kill(os.getpid(), self.signum)
 
 
+class EpochValues(pl.Callback):
+    """The logged ``train/loss_epoch`` of each epoch this trainer ends."""
+
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if "train/loss_epoch" in trainer.callback_metrics:
+            self.values.append(trainer.callback_metrics["train/loss_epoch"].item())
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.on_train_epoch_start(trainer, pl_module)
+
+
 def fit(folder: Path, *callbacks: pl.Callback, ckpt_path: str | None = None) -> tuple[Tiny, pl.Trainer]:
     torch.manual_seed(0)
     model = Tiny()
@@ -79,8 +93,9 @@ def fit(folder: Path, *callbacks: pl.Callback, ckpt_path: str | None = None) -> 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict:
-    model, trainer = fit(tmp_path_factory.mktemp("reference"))
-    return {"weights": model.state_dict(), "optimizer": trainer.optimizers[0].state_dict()}
+    epochs = EpochValues()
+    model, trainer = fit(tmp_path_factory.mktemp("reference"), epochs)
+    return {"weights": model.state_dict(), "optimizer": trainer.optimizers[0].state_dict(), "epochs": epochs.values}
 
 
 def assert_equal_states(a, b) -> None:
@@ -123,6 +138,16 @@ def test_a_signal_checkpoints_the_step_exits_128_plus_signal_and_resumes_bitwise
     assert trainer.global_step == STEPS_PER_EPOCH * EPOCHS
     assert_equal_states(model.state_dict(), reference["weights"])
     assert_equal_states(trainer.optimizers[0].state_dict(), reference["optimizer"])
+
+
+def test_a_mid_epoch_resume_logs_the_whole_epochs_mean(tmp_path, reference):
+    """``train/loss_epoch`` of the epoch a run stopped in (after 3 of its 6 batches) equals the
+    uninterrupted run's bit for bit: the checkpoint holds the epoch's running sum and count."""
+    with pytest.raises(Interrupted):
+        fit(tmp_path, SignalAt(signal.SIGTERM, 3))
+    epochs = EpochValues()
+    fit(tmp_path, epochs, ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"))
+    assert len(reference["epochs"]) == EPOCHS and epochs.values == reference["epochs"]
 
 
 def test_a_second_signal_changes_nothing(tmp_path):

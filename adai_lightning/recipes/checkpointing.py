@@ -30,6 +30,7 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from adai_lightning.recipes.epoch_metrics import PendingAggregates, saved_aggregates
 from adai_lightning.recipes.interrupts import Interrupted, StopSignals, announce
 
 #: ``AtomicCheckpointIO``'s temporary files: ``.NAME.PID.tmp`` next to the target ``NAME``.
@@ -212,13 +213,17 @@ class PeriodicCheckpoint(ModelCheckpoint):
     On SIGTERM or SIGINT it saves the step in progress once it completes, as a periodic save would (so
     ``--ckpt_path last`` resumes it exactly), and stops the run at the start of the next step or
     validation (that step's metrics are logged first) with :class:`Interrupted`: exit status 128 + the
-    signal. At the start of a fit, rank 0 removes the stale temporary files of killed writes.
+    signal. At the start of a fit, rank 0 removes the stale temporary files of killed writes. Its
+    checkpoints record the number of processes (resuming one with another number is refused) and the
+    epoch's running training aggregates (``on_epoch=True`` values), which a mid-epoch resume folds back
+    in (``adai_lightning.recipes.epoch_metrics``).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.stop_signals = StopSignals()
         self._stop_after = 0  # the signal whose checkpoint is saved: stop at the next chance
+        self._aggregates = PendingAggregates()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -232,6 +237,7 @@ class PeriodicCheckpoint(ModelCheckpoint):
         self.stop_signals.install(trainer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
+        self._aggregates.merge(trainer)  # the resumed epoch's values, whole again before anything is saved
         super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
         if not self._stop_after:
             self._stop_after = self.stop_signals.agreed(trainer)
@@ -244,12 +250,33 @@ class PeriodicCheckpoint(ModelCheckpoint):
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._stop_if_saved(trainer)
 
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._aggregates.merge(trainer, final=True)
+        super().on_train_epoch_end(trainer, pl_module)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
         super().on_train_end(trainer, pl_module)
         self._stop_after = self._stop_after or self.stop_signals.agreed(trainer)
         self._stop_if_saved(trainer)  # a signal during the last step or validation: no test after fit
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        checkpoint["world_size"] = trainer.world_size
+        checkpoint["epoch_aggregates"] = saved_aggregates(trainer)
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint saved by another number of processes: its loader position counts batches
+        of each process's share, so the run would skip or repeat data with another batch per step."""
+        super().on_load_checkpoint(trainer, pl_module, checkpoint)
+        self._aggregates.load(checkpoint.pop("epoch_aggregates", None))  # popped: merged by one callback only
+        saved = checkpoint.get("world_size", trainer.world_size)
+        if saved != trainer.world_size:
+            raise CheckpointError(
+                f"checkpoint {trainer.ckpt_path} was saved by {saved} processes and this run has "
+                f"{trainer.world_size}: resuming would skip or repeat data; resume with {saved} processes "
+                f"(--trainer.devices x --trainer.num_nodes = {saved})")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.stop_signals.restore()
