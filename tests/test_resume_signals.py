@@ -234,3 +234,48 @@ def test_a_fit_start_removes_stale_temporaries(tmp_path):
     stale.write_bytes(b"half")
     fit(tmp_path)
     assert not stale.exists()
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A 1 MiB tmpfs mounted at ``tmp_path / "mnt"`` (root only; skipped where mounting is not allowed)."""
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def fit_cli(root: Path) -> subprocess.CompletedProcess:
+    """The default recipe, 1 epoch, CSV log and checkpoints under ``root``, in a subprocess."""
+    from recipe_helpers import ROOT, clean_env
+
+    return subprocess.run([sys.executable, "-m", "adai_lightning", "fit", "--config", str(ROOT / "recipes" / "default.yaml"),
+                           "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(root), "--test_after_fit", "false",
+                           "--trainer.enable_progress_bar", "false", "--trainer.logger", "[]",
+                           "--trainer.logger+=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={root}"],
+                          cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_a_full_tmpfs_ends_in_one_line_and_keeps_the_checkpoints_written(tmpfs):
+    """Checkpoints of 363 KB on a 1 MiB tmpfs: the first two fit, the next write fails."""
+    proc = fit_cli(tmpfs / "run")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:") or "Traceback" in line]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith(f"error: checkpoint {tmpfs / 'run' / 'checkpoints'}/") and "No space left" in errors[0]
+    last = torch.load(tmpfs / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 10 and not list((tmpfs / "run" / "checkpoints").glob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_a_read_only_output_folder_ends_in_one_line(tmpfs):
+    (tmpfs / "run").mkdir()
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    proc = fit_cli(tmpfs / "run")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:") or "Traceback" in line]
+    assert proc.returncode == 2 and errors == [
+        f"error: path {tmpfs / 'run' / 'lightning_logs'}: Read-only file system; make the folder writable or "
+        "point --trainer.default_root_dir at a writable one"], proc.stderr[-3000:]

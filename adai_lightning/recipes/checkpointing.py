@@ -11,8 +11,10 @@ file system, where its final move is a copy that a kill can cut short.
 checks that an explicit path loads, raising :class:`CheckpointError` (one line naming the file).
 
 ``PeriodicCheckpoint`` also checkpoints the current step and stops the run on SIGTERM / SIGINT (see
-``adai_lightning.recipes.interrupts``), refuses a checkpoint saved by another number of processes, and
-removes the temporary files a kill inside a write left behind.
+``adai_lightning.recipes.interrupts``), keeps the epoch's training aggregates across a resume (see
+``adai_lightning.recipes.epoch_metrics``), refuses a checkpoint saved by another number of processes,
+and removes the temporary files a kill inside a write left behind. A write that fails for lack of space
+or permission raises :class:`OutputWriteError` (one line naming the file and what to do).
 """
 
 from __future__ import annotations
@@ -270,13 +272,13 @@ class PeriodicCheckpoint(ModelCheckpoint):
         """Refuse a checkpoint saved by another number of processes: its loader position counts batches
         of each process's share, so the run would skip or repeat data with another batch per step."""
         super().on_load_checkpoint(trainer, pl_module, checkpoint)
-        self._aggregates.load(checkpoint.pop("epoch_aggregates", None))  # popped: merged by one callback only
         saved = checkpoint.get("world_size", trainer.world_size)
         if saved != trainer.world_size:
             raise CheckpointError(
                 f"checkpoint {trainer.ckpt_path} was saved by {saved} processes and this run has "
                 f"{trainer.world_size}: resuming would skip or repeat data; resume with {saved} processes "
                 f"(--trainer.devices x --trainer.num_nodes = {saved})")
+        self._aggregates.load(checkpoint.pop("epoch_aggregates", None))  # popped: merged by one callback only
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.stop_signals.restore()

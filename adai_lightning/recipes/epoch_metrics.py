@@ -6,7 +6,9 @@ not checkpoint them: after a mid-epoch resume the epoch's value covers only the 
 :func:`saved_aggregates` takes those accumulators into a checkpoint (every rank's, gathered: each rank
 reduces its own share under ``sync_dist``); :class:`PendingAggregates` adds them back into the
 resumed run's accumulators of the same epoch as each key is logged again, so the epoch's value
-equals the uninterrupted run's (up to float rounding of the order of the additions).
+equals the uninterrupted run's: bit for bit for a key logged in ``training_step`` or a callback's
+``on_train_batch_end`` (merged right after its first new value: ``x + S == S + x``), within float
+rounding for one logged later in a step (merged one value later).
 """
 
 from __future__ import annotations
@@ -28,15 +30,20 @@ def saved_aggregates(trainer: pl.Trainer) -> dict[str, Any]:
     metrics = {}
     for key, metric in sorted(_training_results(trainer).items()):
         if metric.is_tensor and metric.meta.on_epoch and not metric.has_reset:
-            state = {"value": metric.value.detach()}
+            state = {"value": metric.value}
             if metric.meta.is_mean_reduction:
-                state["count"] = metric.cumulated_batch_size.detach()
-            if trainer.world_size > 1:
-                state = {name: trainer.strategy.all_gather(t).cpu() for name, t in state.items()}
-            else:
-                state = {name: t.cpu().unsqueeze(0) for name, t in state.items()}
-            metrics[key] = state
+                state["count"] = metric.cumulated_batch_size
+            metrics[key] = {name: _per_rank(trainer, t.detach()) for name, t in state.items()}
     return {"epoch": trainer.current_epoch, "metrics": metrics}
+
+
+def _per_rank(trainer: pl.Trainer, tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``tensor``, stacked in rank order, on the CPU."""
+    if trainer.world_size == 1:
+        return tensor.cpu().unsqueeze(0)
+    parts = [torch.empty_like(tensor) for _ in range(trainer.world_size)]
+    torch.distributed.all_gather(parts, tensor.contiguous())
+    return torch.stack(parts).cpu()
 
 
 class PendingAggregates:
