@@ -249,14 +249,19 @@ def tmpfs(tmp_path):
 
 
 def fit_cli(root: Path) -> subprocess.CompletedProcess:
-    """The default recipe, 1 epoch, CSV log and checkpoints under ``root``, in a subprocess."""
+    """The default recipe, 1 epoch (20 steps), CSV log and a checkpoint every 10 steps (no monitoring
+    callbacks) under ``root``, in a subprocess."""
     from recipe_helpers import ROOT, clean_env
 
-    return subprocess.run([sys.executable, "-m", "adai_lightning", "fit", "--config", str(ROOT / "recipes" / "default.yaml"),
-                           "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(root), "--test_after_fit", "false",
-                           "--trainer.enable_progress_bar", "false", "--trainer.logger", "[]",
-                           "--trainer.logger+=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={root}"],
-                          cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
+    return subprocess.run([
+        sys.executable, "-m", "adai_lightning", "fit", "--config", str(ROOT / "recipes" / "default.yaml"),
+        "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(root), "--test_after_fit", "false",
+        "--trainer.enable_progress_bar", "false", "--trainer.logger", "[]",
+        "--trainer.logger+=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={root}",
+        "--trainer.callbacks", "[]", "--trainer.callbacks+=adai_lightning.recipes.checkpointing.PeriodicCheckpoint",
+        f"--trainer.callbacks.dirpath={root / 'checkpoints'}", "--trainer.callbacks.every_n_train_steps=10",
+        "--trainer.callbacks.save_last=true", "--trainer.callbacks.enable_version_counter=false",
+    ], cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=280)
 
 
 @pytest.mark.slow
