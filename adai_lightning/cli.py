@@ -26,7 +26,6 @@ from pathlib import Path
 from types import MethodType
 from typing import Any
 
-import torch
 from jsonargparse import set_parsing_settings
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -174,7 +173,7 @@ class AdaiCLI(LightningCLI):
         configured = self._automatic_init(self._parser("fit")._optimizers)
         if not configured:
             return
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        checkpoint = self.trainer.strategy.checkpoint_io.load_checkpoint(path, map_location="cpu", weights_only=False)
         groups = [g for state in checkpoint.get("optimizer_states", []) for g in state.get("param_groups", [])]
         for key, value in (configured.get("init_args") or {}).items():
             saved = [g.get("initial_lr", g[key]) if key == "lr" else g[key] for g in groups if key in g]
