@@ -203,13 +203,13 @@ def main(args: Sequence[str] | None = None) -> None:
     if DEBUG_FLAG in argv:
         argv.remove(DEBUG_FLAG)
         os.environ[DEBUG_ENV] = "1"  # also for the processes DDP launches
-    if argv and argv[0] in ("report", "compare"):
-        import_module(f"adai_lightning.{argv[0]}").main(argv[1:])
-        return
-    argv = qualify_optimizer_names(argv)
-    if args is None:
-        sys.argv[1:] = argv
     try:
+        if argv and argv[0] in ("report", "compare"):
+            import_module(f"adai_lightning.{argv[0]}").main(argv[1:])
+            return
+        argv = qualify_optimizer_names(argv)
+        if args is None:
+            sys.argv[1:] = argv
         AdaiCLI(args=None if args is None else argv)
     except ConfigurationError as error:
         if os.environ.get(DEBUG_ENV, "0") not in ("", "0"):
