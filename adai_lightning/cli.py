@@ -24,7 +24,7 @@ from typing import Any
 
 from jsonargparse import set_parsing_settings
 from lightning.pytorch import LightningModule
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, _global_add_class_path, instantiate_class
 
 import adai_lightning  # noqa: F401  (registers Adai and AdaiW as torch optimizers for the parser)
@@ -68,17 +68,17 @@ def one_line(error: BaseException) -> str:
     return f"{key}: {message}" if key and not message.startswith("Parser key") else message
 
 
-def _is_model_checkpoint(callback: Any) -> bool:
-    """Whether a callback's config (a ``class_path`` namespace) or instance is a ``ModelCheckpoint``."""
+def _is_instance(callback: Any, kind: type) -> bool:
+    """Whether a callback's config (a ``class_path`` namespace) or instance is a ``kind``."""
     class_path = getattr(callback, "class_path", None)
     if class_path is None:
-        return isinstance(callback, ModelCheckpoint)
+        return isinstance(callback, kind)
     module, _, name = class_path.rpartition(".")
     try:
         cls = getattr(import_module(module), name)
     except (ImportError, AttributeError):
         return False
-    return isinstance(cls, type) and issubclass(cls, ModelCheckpoint)
+    return isinstance(cls, type) and issubclass(cls, kind)
 
 
 def qualify_optimizer_names(args: Sequence[str]) -> list[str]:
@@ -143,11 +143,14 @@ class AdaiCLI(LightningCLI):
         return kwargs
 
     def before_instantiate_classes(self) -> None:
-        """``--trainer.enable_checkpointing false`` also drops the recipe's ``ModelCheckpoint`` callbacks
-        (Lightning refuses the combination), so a recipe with periodic checkpoints can still run without."""
+        """``--trainer.enable_checkpointing false`` also drops the recipe's ``ModelCheckpoint`` callbacks,
+        and ``--trainer.logger false`` its ``LearningRateMonitor`` (Lightning refuses either combination),
+        so a recipe with periodic checkpoints and a logged lr can still run without them."""
         trainer = (self.config[self.subcommand] if self.subcommand else self.config).trainer
-        if trainer.enable_checkpointing is False and isinstance(trainer.callbacks, list):
-            trainer.callbacks = [c for c in trainer.callbacks if not _is_model_checkpoint(c)]
+        refused = [kind for kind, off in ((ModelCheckpoint, trainer.enable_checkpointing is False),
+                                          (LearningRateMonitor, trainer.logger is False)) if off]
+        if refused and isinstance(trainer.callbacks, list):
+            trainer.callbacks = [c for c in trainer.callbacks if not any(_is_instance(c, kind) for kind in refused)]
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=False,

@@ -8,17 +8,19 @@ import base64
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from adai_lightning import Adai, report
 from adai_lightning.callbacks import InertiaMonitor
-from adai_lightning.cli import ConfigurationError, main
+from adai_lightning.cli import AdaiCLI, ConfigurationError, main
 
 STATS = ("mean", "std", "q05", "q25", "q50", "q75", "q95", "frac_zero", "frac_max", "ratio_mean")
 LAYERS = ("backbone.0.weight", "backbone.0.bias", "backbone.3.weight", "head.weight")
@@ -340,3 +342,19 @@ def test_a_compiled_submodule_logs_the_eager_names_in_the_model_order(tmp_path):
     assert metrics.scopes("inertia/module/") == ["net", "classifier"]
     assert [label for _, label in report.band_scopes(metrics)] == ["net.0.weight", "net.2.weight", "classifier.weight"]
     assert not [key for key in metrics.series if "_orig_mod" in key]
+
+
+def test_the_default_recipe_logs_its_lr_and_runs_without_a_logger(tmp_path):
+    """``LearningRateMonitor`` in the recipe logs ``lr-Adai`` (drawn beside beta1 and the stability ratio);
+    with ``--trainer.logger false`` the CLI drops it (Lightning refuses the combination), as it drops the
+    checkpoint callbacks with ``--trainer.enable_checkpointing false``."""
+    recipe = str(Path(__file__).resolve().parents[1] / "recipes" / "default.yaml")
+    quick = ["fit", "--config", recipe, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
+             "--trainer.enable_progress_bar", "false", "--test_after_fit", "false", "--trainer.log_every_n_steps", "1",
+             "--trainer.enable_checkpointing", "false"]
+    cli = AdaiCLI(args=[*quick, "--trainer.default_root_dir", str(tmp_path / "logged")])
+    assert any(isinstance(c, LearningRateMonitor) for c in cli.trainer.callbacks)
+    metrics = report.Metrics.read(report.find_metrics(tmp_path / "logged"))
+    assert report.lr_keys(metrics) == ["lr-Adai"] and metrics.last("lr-Adai") == 0.5
+    cli = AdaiCLI(args=[*quick, "--trainer.default_root_dir", str(tmp_path / "bare"), "--trainer.logger", "false"])
+    assert not any(isinstance(c, LearningRateMonitor) for c in cli.trainer.callbacks) and cli.trainer.global_step == 2
