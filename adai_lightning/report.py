@@ -17,9 +17,9 @@ import argparse
 import base64
 import csv
 import html
+import json
 import math
 import re
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
