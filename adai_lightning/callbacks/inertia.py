@@ -299,6 +299,9 @@ class InertiaMonitor(CadencedCallback):
     every parameter (``self.model``, ``self.net``; see :func:`module_keys`), for every optimizer alike. SGD and Adam/AdamW log their
     constant momentum under the same keys (no ``ratio_mean``); other optimizers: one warning, no keys.
     Histograms of beta1 per module and globally go to TensorBoard when ``histograms`` is set.
+    Parameter names leave out the levels torch wrappers add (:data:`WRAPPER_ATTRIBUTES`), so a compiled
+    run logs the eager run's keys; the names in the model's order go to ``parameter_order.json`` beside
+    each CSVLogger's ``metrics.csv`` (CSVLogger sorts its columns; the report draws layers in this order).
 
     Values are global and identical on every rank under DDP, FSDP2 and ZeRO (see
     :func:`param_inertia`); the loggers write on rank zero.
