@@ -28,7 +28,7 @@ from typing import Any
 
 from jsonargparse import set_parsing_settings
 from lightning.pytorch import LightningModule
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, _global_add_class_path, instantiate_class
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
@@ -78,17 +78,17 @@ def _comparable(value: Any) -> Any:
     return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
-def _is_model_checkpoint(callback: Any) -> bool:
-    """Whether a callback's config (a ``class_path`` namespace) or instance is a ``ModelCheckpoint``."""
+def _is_instance(callback: Any, kind: type) -> bool:
+    """Whether a callback's config (a ``class_path`` namespace) or instance is a ``kind``."""
     class_path = getattr(callback, "class_path", None)
     if class_path is None:
-        return isinstance(callback, ModelCheckpoint)
+        return isinstance(callback, kind)
     module, _, name = class_path.rpartition(".")
     try:
         cls = getattr(import_module(module), name)
     except (ImportError, AttributeError):
         return False
-    return isinstance(cls, type) and issubclass(cls, ModelCheckpoint)
+    return isinstance(cls, type) and issubclass(cls, kind)
 
 
 def qualify_optimizer_names(args: Sequence[str]) -> list[str]:
@@ -182,11 +182,14 @@ class AdaiCLI(LightningCLI):
                                f"optimizer's saved {key} = {saved[0]}; start a new run to change it")
 
     def before_instantiate_classes(self) -> None:
-        """``--trainer.enable_checkpointing false`` also drops the recipe's ``ModelCheckpoint`` callbacks
-        (Lightning refuses the combination), so a recipe with periodic checkpoints can still run without."""
+        """``--trainer.enable_checkpointing false`` also drops the recipe's ``ModelCheckpoint`` callbacks,
+        and ``--trainer.logger false`` its ``LearningRateMonitor`` (Lightning refuses either combination),
+        so a recipe with periodic checkpoints and a logged lr can still run without them."""
         trainer = (self.config[self.subcommand] if self.subcommand else self.config).trainer
-        if trainer.enable_checkpointing is False and isinstance(trainer.callbacks, list):
-            trainer.callbacks = [c for c in trainer.callbacks if not _is_model_checkpoint(c)]
+        refused = [kind for kind, off in ((ModelCheckpoint, trainer.enable_checkpointing is False),
+                                          (LearningRateMonitor, trainer.logger is False)) if off]
+        if refused and isinstance(trainer.callbacks, list):
+            trainer.callbacks = [c for c in trainer.callbacks if not any(_is_instance(c, kind) for kind in refused)]
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--test_after_fit", type=bool, default=False,
@@ -242,13 +245,13 @@ def main(args: Sequence[str] | None = None) -> None:
     if DEBUG_FLAG in argv:
         argv.remove(DEBUG_FLAG)
         os.environ[DEBUG_ENV] = "1"  # also for the processes DDP launches
-    if argv and argv[0] in ("report", "compare"):
-        import_module(f"adai_lightning.{argv[0]}").main(argv[1:])
-        return
-    argv = qualify_optimizer_names(argv)
-    if args is None:
-        sys.argv[1:] = argv
     try:
+        if argv and argv[0] in ("report", "compare"):
+            import_module(f"adai_lightning.{argv[0]}").main(argv[1:])
+            return
+        argv = qualify_optimizer_names(argv)
+        if args is None:
+            sys.argv[1:] = argv
         AdaiCLI(args=None if args is None else argv)
     except ConfigurationError as error:
         if os.environ.get(DEBUG_ENV, "0") not in ("", "0"):

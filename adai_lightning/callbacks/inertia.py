@@ -11,14 +11,17 @@ The statistics themselves (:func:`adai_statistics`, :func:`constant_statistics`)
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -26,6 +29,7 @@ from torch.optim import Optimizer
 
 from adai_lightning.callbacks._cadence import CadencedCallback, histogram_writers, log_histogram, log_scalars
 from adai_lightning.optim import Adai
+from adai_lightning.report import PARAMETER_ORDER_FILE
 
 STATS = ("mean", "std", "q05", "q25", "q50", "q75", "q95", "frac_zero", "frac_max", "ratio_mean")
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
@@ -38,6 +42,11 @@ CONSTANT_MOMENTUM: tuple[tuple[tuple[type, ...], Callable[[dict], float]], ...] 
     ((torch.optim.SGD,), lambda group: group["momentum"]),
 )
 UNNAMED_MODULE = "_unnamed"
+#: Attributes under which torch wrappers keep the module they wrap (``torch.compile``'s
+#: ``OptimizedModule``, activation checkpointing's ``CheckpointWrapper``): left out of parameter
+#: names, so that a compiled or wrapped run logs the same keys as an eager one (``net.0.weight``,
+#: not ``net._orig_mod.0.weight``).
+WRAPPER_ATTRIBUTES = frozenset({"_orig_mod", "_checkpoint_wrapped_module"})
 #: Equal-width buckets between a scope's smallest and largest beta1 in its histogram.
 HISTOGRAM_BINS = 64
 
@@ -91,10 +100,16 @@ def _sample(values: Tensor) -> Tensor:
     return values[::math.ceil(values.numel() / QUANTILE_SAMPLE_SIZE)]
 
 
+def unwrapped_name(name: str) -> str:
+    """``name`` without the :data:`WRAPPER_ATTRIBUTES` levels: ``net._orig_mod.0.weight -> net.0.weight``."""
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_ATTRIBUTES)
+
+
 def parameter_names(module: torch.nn.Module, optimizer: Optimizer) -> dict[int, str]:
-    """``id(param) -> name`` from ``named_parameters()``; a parameter the module does not name gets
-    ``_unnamed.<group>.<index in group>``, stable as long as the param groups are."""
-    names = {id(param): name for name, param in module.named_parameters()}
+    """``id(param) -> name`` from ``named_parameters()`` (without wrapper levels, :func:`unwrapped_name`);
+    a parameter the module does not name gets ``_unnamed.<group>.<index in group>``, stable as long as
+    the param groups are."""
+    names = {id(param): unwrapped_name(name) for name, param in module.named_parameters()}
     for g, group in enumerate(optimizer.param_groups):
         for i, param in enumerate(group["params"]):
             names.setdefault(id(param), f"{UNNAMED_MODULE}.{g}.{i}")
@@ -284,6 +299,9 @@ class InertiaMonitor(CadencedCallback):
     every parameter (``self.model``, ``self.net``; see :func:`module_keys`), for every optimizer alike. SGD and Adam/AdamW log their
     constant momentum under the same keys (no ``ratio_mean``); other optimizers: one warning, no keys.
     Histograms of beta1 per module and globally go to TensorBoard when ``histograms`` is set.
+    Parameter names leave out the levels torch wrappers add (:data:`WRAPPER_ATTRIBUTES`), so a compiled
+    run logs the eager run's keys; the names in the model's order go to ``parameter_order.json`` beside
+    each CSVLogger's ``metrics.csv`` (CSVLogger sorts its columns; the report draws layers in this order).
 
     Values are global and identical on every rank under DDP, FSDP2 and ZeRO (see
     :func:`param_inertia`); the loggers write on rank zero.
@@ -310,6 +328,19 @@ class InertiaMonitor(CadencedCallback):
     def state_key(self) -> str:
         return self._generate_state_key(every_n_train_steps=self.every_n_train_steps,
                                         every_n_epochs=self.every_n_epochs, per_parameter=self.per_parameter)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Write the parameter names in the model's order into each CSVLogger's folder (rank zero), for
+        ``adai-lightning report`` to draw layers in that order: CSVLogger sorts its columns by name."""
+        super().on_train_start(trainer, pl_module)
+        if not trainer.is_global_zero:
+            return
+        order = json.dumps([unwrapped_name(name) for name, _ in pl_module.named_parameters()])
+        for logger in trainer.loggers:
+            if isinstance(logger, CSVLogger):
+                folder = Path(logger.log_dir)
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / PARAMETER_ORDER_FILE).write_text(order)
 
     def on_cadence(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         optimizers = trainer.optimizers
