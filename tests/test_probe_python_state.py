@@ -212,3 +212,25 @@ def test_a_container_that_refuses_its_old_contents_is_reported_not_fatal(restore
         probe(module, calls=1)
     named = [str(w.message) for w in record if "self.log_lines" in str(w.message)]
     assert (named and "read-only" in named[0]) if restore_error else (not named and module.log_lines == [])
+
+
+def test_buffers_rebound_or_changed_in_place_come_back_without_a_warning():
+    """A rebound buffer gets its tensor back; one changed in place and also held in a list of the user's is
+    the isolation context's to restore (no false "could not restore")."""
+    module = trained_once()
+    module.register_buffer("ema", torch.ones(2))
+    module.register_buffer("seen", torch.zeros(()))
+    ema, module.watched = module.ema, [module.seen]
+
+    def ema_step(batch, batch_idx):
+        output = module.encoder(batch)
+        module.ema = 0.9 * module.ema + 0.1 * output.detach().mean(0)  # assigns a new tensor to the buffer
+        module.seen += 1
+        return output.sum()
+
+    module.training_step = ema_step
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        probe(module)
+    assert module.ema is ema and torch.equal(ema, torch.ones(2)) and module._buffers["ema"] is ema
+    assert module.watched[0] is module.seen and module.seen.item() == 0

@@ -6,8 +6,8 @@ every RNG bitwise identical with and without the callbacks):
 
 - the subset: ``num_samples`` samples of the train loader's *dataset*, chosen by index from a
   generator seeded with ``seed`` and collated into batches of ``probe_batch_size`` samples (default:
-  the loader's ``batch_size``; :mod:`~adai_lightning.callbacks._probe_subset`); the train loader, its sampler and generator are
-  never iterated. The chosen indices are saved in the callback's checkpoint state and reused after
+  the loader's ``batch_size``; :mod:`~adai_lightning.callbacks._probe_subset`); the train loader, its
+  sampler and generator are never iterated. The chosen indices are saved in the callback's checkpoint state and reused after
   a resume. It is taken once, at the first cadence point, with the RNGs seeded by ``seed`` (random
   transforms in the dataset give the same samples every time), and kept on the module's device;
 - the loss of a batch is ``loss_fn(module, batch)`` if given, else ``training_step`` called with

@@ -13,7 +13,8 @@
   results, compute-group flags) are restored in place, so shared states (``MetricCollection``
   compute groups) stay shared;
 - the global RNGs (torch CPU and CUDA, Python's ``random``, NumPy's) are restored;
-- every module's train/eval flag and every buffer (BatchNorm running statistics) are restored;
+- every module's train/eval flag and every buffer (BatchNorm running statistics; a rebound buffer gets its
+  tensor back) are restored;
 - every module's plain Python state (lists, dicts, sets, counters, rebound or added attributes, on
   every submodule: :mod:`~adai_lightning.callbacks._python_state`) is put back after every
   ``training_step`` call, so each call sees the state of the cadence point and none changes the run;
@@ -39,7 +40,7 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 from torch import Tensor
 
 from adai_lightning.callbacks._probe_subset import ProbeError
-from adai_lightning.callbacks._python_state import PythonState
+from adai_lightning.callbacks._python_state import PythonState, restore_mapping
 
 
 def _inert_step(self: Any, closure: Any = None, *args: Any, **kwargs: Any) -> Any:
@@ -198,13 +199,18 @@ def _host_rngs_kept() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _modes_and_buffers_kept(module: torch.nn.Module) -> Iterator[None]:
+    """Modes, and buffers: their values, and which tensor each name holds (``self.ema = 0.9 * self.ema + ...``
+    rebinds a buffer)."""
     modes = [(m, m.training) for m in module.modules()]
+    bindings = [(m, dict(m._buffers)) for m in module.modules()]
     buffers = [(b, b.detach().clone()) for b in module.buffers()]
     try:
         yield
     finally:
         for submodule, training in modes:
             submodule.training = training
+        for submodule, names in bindings:
+            restore_mapping(submodule._buffers, names)
         with torch.no_grad():
             for buffer, saved in buffers:
                 buffer.copy_(saved)

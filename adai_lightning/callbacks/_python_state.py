@@ -18,11 +18,12 @@ isolation context keeps those) and on what their attributes hold:
 - NumPy arrays are copied back; ``torch.Generator``, ``random.Random`` and NumPy generators get their
   states back.
 
-Not covered: ``_parameters``, ``_buffers``, ``_modules`` (parameters never change; the isolation
-context restores buffers and modes; submodules are walked on their own), and, held only by
-reference, whatever is part of the training machinery (the trainer, loggers, callbacks, optimizers,
-loaders, datasets, modules outside the tree) or is neither a container nor a plain object (C
-extension objects), and anything deeper than :data:`MAX_DEPTH` references from a module.
+Not covered: ``_parameters``, ``_buffers``, ``_modules`` and the parameters and buffers wherever they
+are referenced (parameters never change; the isolation context restores buffers, rebound ones too,
+and modes; submodules are walked on their own), and, held only by reference, whatever is part of the
+training machinery (the trainer, loggers, callbacks, optimizers, loaders, datasets, modules outside
+the tree) or is neither a container nor a plain object (C extension objects), and anything deeper
+than :data:`MAX_DEPTH` references from a module.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def _restore_sequence(container: list[Any] | collections.deque[Any], saved: list
         container.extend(saved)
 
 
-def _restore_mapping(container: dict[Any, Any], saved: dict[Any, Any]) -> None:
+def restore_mapping(container: dict[Any, Any], saved: dict[Any, Any]) -> None:
+    """Put ``saved``'s items (by identity) back into ``container`` in place, if they changed."""
     if container.keys() != saved.keys() or any(container[key] is not value for key, value in saved.items()):
         container.clear()
         container.update(saved)
@@ -112,8 +114,9 @@ def _random_state(value: Any) -> tuple[Callable[[], Any], Callable[[Any], Any]] 
     return None
 
 
-def _call(function: Callable[..., Any], *args: Any) -> None:
-    function(*args)
+def _put_state(put: Callable[[Any], Any], state: Any) -> None:
+    """``put(state)``, returning None whatever ``put`` returns (a Restorer's non-None result is a problem)."""
+    put(state)
 
 
 class PythonState:
@@ -122,7 +125,8 @@ class PythonState:
 
     def __init__(self, root: torch.nn.Module, skip: tuple[type, ...] = ()) -> None:
         self._restorers: list[tuple[str, Restorer]] = []
-        self._seen: set[int] = set()
+        # parameters and buffers, wherever else they are referenced, are left to the isolation context
+        self._seen: set[int] = {id(tensor) for tensor in (*root.parameters(), *root.buffers())}
         self._machinery = _machinery()
         for name, module in root.named_modules():
             if not isinstance(module, skip):
@@ -159,7 +163,7 @@ class PythonState:
             self._add(path, functools.partial(_restore_sequence, value, list(value)))
             self._items(enumerate(value), path, depth)
         elif isinstance(value, dict):
-            self._add(path, functools.partial(_restore_mapping, value, dict(value)))
+            self._add(path, functools.partial(restore_mapping, value, dict(value)))
             self._items(value.items(), path, depth)
         elif isinstance(value, set):
             self._add(path, functools.partial(_restore_set, value, set(value)))
@@ -167,7 +171,7 @@ class PythonState:
             self._items(enumerate(value), path, depth)
         elif (state := _random_state(value)) is not None:
             get, put = state
-            self._add(path, functools.partial(_call, put, get()))
+            self._add(path, functools.partial(_put_state, put, get()))
         elif type(value).__module__ == "numpy" and type(value).__name__ == "ndarray" and value.flags.writeable:
             self._add(path, functools.partial(value.__setitem__, Ellipsis, value.copy()))
         elif hasattr(value, "__dict__") and not isinstance(value, self._machinery):
