@@ -216,6 +216,60 @@ class TinyAttention(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
 
 
+class OutputsClassifier(pl.LightningModule):
+    """Lightning's replacement for ``training_epoch_end``: ``training_step`` appends to
+    ``self.training_step_outputs``, ``on_train_epoch_end`` averages and clears it; and a step counter."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+        self.training_step_outputs = []
+        self.outputs_at_start = self.training_step_outputs  # a reference held by the user
+        self.steps_seen = 0
+        self.epoch_sizes = []
+
+    def training_step(self, batch, batch_idx):
+        loss = F.cross_entropy(self.net(batch[0]), batch[1])
+        self.training_step_outputs.append(loss)
+        self.steps_seen += 1
+        return loss
+
+    def on_train_epoch_end(self):
+        self.epoch_sizes.append(len(self.training_step_outputs))
+        self.log("train/epoch_mean", torch.stack(self.training_step_outputs).mean())
+        self.training_step_outputs.clear()
+
+    def configure_optimizers(self):
+        return Adai(self.parameters(), lr=0.5)
+
+
+class AlternatingGAN(TinyGAN):
+    """A GAN that trains one network per step, chosen by a counter, with an epoch loss from a plain list."""
+
+    def __init__(self):
+        super().__init__()
+        self.turn = 0
+        self.d_losses = []
+
+    def training_step(self, batch):
+        real, _ = batch
+        opt_g, opt_d = self.optimizers()
+        if self.turn % 2 == 0:
+            scores = self.discriminator(self.generator(torch.randn(real.shape[0], 4)))
+            loss, optimizer = F.binary_cross_entropy_with_logits(scores, torch.ones_like(scores)), opt_g
+        else:
+            loss, optimizer = self.discriminator_loss(real), opt_d
+            self.d_losses.append(loss.detach())
+        self.turn += 1
+        self.manual_backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    def on_train_epoch_end(self):
+        self.log("train/d_loss_epoch", torch.stack(self.d_losses).mean())
+        self.d_losses.clear()
+
+
 def compiled_classifier(backend):
     class CompiledClassifier(pl.LightningModule):
         def __init__(self):
@@ -324,6 +378,29 @@ def test_gan_with_two_optimizers_without_loss_fn_refuses_once_and_never_moves_th
 
 def test_gan_with_a_loss_fn(tmp_path):
     check(TinyGAN, shuffled_loader, tmp_path, loss_fn=lambda module, batch: module.discriminator_loss(batch[0]))
+
+
+def test_training_step_outputs_and_a_step_counter_are_left_as_they_were(tmp_path):
+    """Issue 19. Before, with HessianSharpness(every_n_train_steps=4, num_samples=16) on BoringModel:
+    648 entries instead of 8 and the epoch mean 2.149 instead of 1.636, nothing warned."""
+    plain = fit(OutputsClassifier, shuffled_loader, [], tmp_path / "plain")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        watched = fit(OutputsClassifier, shuffled_loader, callbacks(), tmp_path / "watched")
+    assert not [w for w in record if "could not restore" in str(w.message)]
+    assert_same_training(plain, watched)
+    (_, module_a), (_, module_b) = plain, watched
+    assert module_b.epoch_sizes == module_a.epoch_sizes == [6, 2]  # max_steps=8 ends the second epoch
+    assert module_b.steps_seen == module_a.steps_seen == 8
+    assert module_b.training_step_outputs is module_b.outputs_at_start
+    assert "sharpness/lambda_max" in logged(watched[0])
+
+
+def test_gan_alternating_by_a_counter_keeps_its_turn_and_epoch_loss(tmp_path):
+    """Issue 19: the probe's training_step calls advanced the counter (the networks trained out of turn)
+    and added to the list behind train/d_loss_epoch."""
+    watched = check(AlternatingGAN, shuffled_loader, tmp_path)
+    assert watched[1].turn == 8 and "train/d_loss_epoch" in logged(watched[0])
 
 
 def test_module_keys_group_below_a_single_top_level_child():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from functools import partial
 from types import SimpleNamespace
 
@@ -33,6 +34,14 @@ class BatchNormNet(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+class PlainNet(BatchNormNet):
+    """Without BatchNorm: it trains on batches of one sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
 
 
 def data(n, dtype=torch.float32, seed=0):
@@ -156,3 +165,53 @@ def test_a_dict_of_loaders_is_combined_as_the_combined_loader_mode_does(mode, ex
 def test_a_train_loader_that_is_not_a_dataloader_is_refused_with_the_fix():
     with pytest.raises(_probe_subset.ProbeError, match="pass dataloader="):
         _probe_subset.evaluation_batches([[torch.zeros(2)]], "max_size_cycle", 4, 0, None, from_trainer=True)
+
+
+def test_probe_batch_size_rebatches_a_batch_size_1_loader_without_changing_the_hessian():
+    """Issue 18 item 5: a loader of batch size 1 made one batch per sample (10 here, 256 by default),
+    each product a forward and backward per batch. ``probe_batch_size=4``: ceil(10 / 4) = 3 batches
+    of 4, 4 and 2 samples, and in eval mode the same Hessian as one batch of all 10, to float64 precision."""
+    module = BatchNormNet(torch.float64)
+    loader = DataLoader(data(20, torch.float64), batch_size=1)
+    hessians, sizes = {}, {}
+    for probe_batch_size in (None, 4, 10):
+        probe = HessianProbe("test", 10, loader, None, False, "raise", seed=1, keep_graphs=True,
+                             probe_batch_size=probe_batch_size)
+        assert probe.expected_batches(None) == math.ceil(10 / (probe_batch_size or 1))
+        hessians[probe_batch_size] = probe.run(None, module, dense_hessian if probe_batch_size else lambda _: None)
+        sizes[probe_batch_size] = [len(batch.data[0]) for batch in probe._batches]
+        assert [batch.weight for batch in probe._batches] == [size / 10 for size in sizes[probe_batch_size]]
+    assert sizes == {None: [1] * 10, 4: [4, 4, 2], 10: [10]}
+    torch.testing.assert_close(hessians[4], hessians[10], rtol=1e-12, atol=1e-14)
+
+
+def test_probe_batch_size_enters_the_estimated_cost_and_the_warning_of_a_fit_too_short(tmp_path):
+    trainer = SimpleNamespace(train_dataloader=DataLoader(data(100), batch_size=1), fit_loop=SimpleNamespace(
+        _combined_loader=None))
+    per_sample, batched = (HessianSharpness(num_samples=30, probe_batch_size=size) for size in (None, 8))
+    assert per_sample.probe.expected_batches(trainer) == 30 and batched.probe.expected_batches(trainer) == 4
+    assert per_sample.estimated_cost(trainer, 0.01) == pytest.approx(30 / 4 * batched.estimated_cost(trainer, 0.01))
+    assert batched.describe_cost(trainer) == ("40 Hessian-vector products x 4 batches of the 30-sample subset; "
+                                              "a larger probe_batch_size makes fewer batches")
+    with pytest.warns(UserWarning, match=r"about .* s \(20 Hessian-vector products x 30 batches of the 30-sample "
+                                         r"subset; a larger probe_batch_size makes fewer batches\), more than"):
+        trainer = pl.Trainer(max_steps=12, accelerator="cpu", devices=1, callbacks=[per_sample], logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(PlainNet(), DataLoader(data(64), batch_size=1))
+    assert per_sample.budget.runs == 0  # 20 products: a one-group SGD needs no scaled Lanczos run
+
+
+@pytest.mark.parametrize("value,dataloader,match", [
+    (0, None, "probe_batch_size: 0; it must be an integer >= 1"),
+    (2.5, None, "probe_batch_size: 2.5; it must be an integer >= 1"),
+    (4, [[torch.zeros(2)]], "dataloader= is a list, not a DataLoader"),
+])
+def test_invalid_probe_batch_size_is_refused_in_one_line(value, dataloader, match):
+    with pytest.raises(ValueError, match=match):
+        HessianSharpness(probe_batch_size=value, dataloader=dataloader)
+
+
+def test_probe_batch_size_cannot_rebatch_a_loader_of_whole_batches():
+    loader = DataLoader(data(20), batch_size=None)  # each dataset item is used as it is
+    with pytest.raises(_probe_subset.ProbeError, match="cannot rebatch the train loader.*probe_batch_size=None"):
+        _probe_subset.evaluation_batches(loader, "max_size_cycle", 4, 0, None, from_trainer=True, batch_size=2)

@@ -83,6 +83,10 @@ class CadencedCallback(Callback):
         time; the budget plans the first run with it. Subclasses with a budgeted cadence override it."""
         return 0.0
 
+    def describe_cost(self, trainer: pl.Trainer) -> str:
+        """What one run costs, in the callback's own units (for the warning of a fit too short to pay for one)."""
+        return ""
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.budget is None:
             return
@@ -132,8 +136,10 @@ class CadencedCallback(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.budget is not None and self.budget.runs == 0:
+            cost = self.describe_cost(trainer)
             rank_zero_warn(f"{type(self).__name__} measured nothing in this fit: one measurement is expected to "
-                           f"take about {self.budget.last_cost:.2g} s, more than max_overhead={self.max_overhead} "
+                           f"take about {self.budget.last_cost:.2g} s{f' ({cost})' if cost else ''}, more than "
+                           f"max_overhead={self.max_overhead} "
                            f"of its {self.budget.training:.1f} s of training allows. Pass every_n_train_steps "
                            f"(a fixed cadence) or a larger max_overhead to measure a fit this short.")
 

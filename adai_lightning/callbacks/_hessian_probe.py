@@ -5,9 +5,9 @@ training run (final parameters, buffers, optimizer state, logged metrics, torchm
 every RNG bitwise identical with and without the callbacks):
 
 - the subset: ``num_samples`` samples of the train loader's *dataset*, chosen by index from a
-  generator seeded with ``seed`` and collated into batches of the loader's ``batch_size``
-  (:mod:`~adai_lightning.callbacks._probe_subset`); the train loader, its sampler and generator are
-  never iterated. The chosen indices are saved in the callback's checkpoint state and reused after
+  generator seeded with ``seed`` and collated into batches of ``probe_batch_size`` samples (default:
+  the loader's ``batch_size``; :mod:`~adai_lightning.callbacks._probe_subset`); the train loader, its
+  sampler and generator are never iterated. The chosen indices are saved in the callback's checkpoint state and reused after
   a resume. It is taken once, at the first cadence point, with the RNGs seeded by ``seed`` (random
   transforms in the dataset give the same samples every time), and kept on the module's device;
 - the loss of a batch is ``loss_fn(module, batch)`` if given, else ``training_step`` called with
@@ -70,6 +70,17 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"Invalid {name}: {value!r}; it must be one of {', '.join(map(repr, choices))}")
 
 
+def check_probe_batch_size(value: Any, dataloader: Any) -> None:
+    """Raise a ValueError naming ``probe_batch_size`` unless it is None or an integer >= 1 that can rebatch
+    ``dataloader`` (an iterable of batches that is not a ``DataLoader`` gives its batches as they are)."""
+    if value is None:
+        return
+    check_int("probe_batch_size", value, 1)
+    if dataloader is not None and not isinstance(dataloader, torch.utils.data.DataLoader):
+        raise ValueError(f"Invalid probe_batch_size: {value!r}; dataloader= is a {type(dataloader).__name__}, not a "
+                         "DataLoader, so its batches are used as they are: leave probe_batch_size=None")
+
+
 def _sum_across_ranks(vector: Tensor) -> Tensor:
     summed = vector.clone()
     dist.all_reduce(summed, op=dist.ReduceOp.SUM)
@@ -107,8 +118,10 @@ class HessianProbe:
     """Builds a ``HessianOperator`` on the fixed subset and runs a computation on it in isolation."""
 
     def __init__(self, owner: str, num_samples: int, dataloader: Any, loss_fn: LossFn | None, train_mode: bool,
-                 on_error: str, seed: int, keep_graphs: bool | None = None) -> None:
+                 on_error: str, seed: int, keep_graphs: bool | None = None, probe_batch_size: int | None = None
+                 ) -> None:
         check_int("num_samples", num_samples, 1)
+        check_probe_batch_size(probe_batch_size, dataloader)
         if keep_graphs not in (None, True, False):
             raise ValueError(f"Invalid keep_graphs: {keep_graphs!r}; it must be None, True or False")
         check_choice("on_error", on_error, ("warn", "raise"))
@@ -125,6 +138,7 @@ class HessianProbe:
         self.on_error = on_error
         self.seed = seed
         self.keep_graphs = keep_graphs
+        self.probe_batch_size = probe_batch_size
         self.disabled = False
         #: The subset taken (or loaded from a checkpoint), per loader; None until the first cadence point.
         self.records: dict[str, SubsetRecord] | None = None
@@ -150,7 +164,7 @@ class HessianProbe:
         loaders, mode, from_trainer = self._loaders(trainer)
         _seed_all(self.seed, module.device)
         batches, self.records = evaluation_batches(loaders, mode, self.num_samples, self.seed, self.records,
-                                                   from_trainer)
+                                                   from_trainer, self.probe_batch_size)
         rank, world_size = _rank_and_world()
         strategy = trainer.strategy if trainer is not None else None
         move = strategy.batch_to_device if strategy is not None else \
@@ -165,7 +179,8 @@ class HessianProbe:
             loaders = self._loaders(trainer)[0]
         except ProbeError:
             return 1
-        return max(math.ceil(expected_batches(loaders, self.num_samples) / _rank_and_world()[1]), 1)
+        batches = expected_batches(loaders, self.num_samples, self.probe_batch_size)
+        return max(math.ceil(batches / _rank_and_world()[1]), 1)
 
     def _batch_loss(self, module: pl.LightningModule, batch: ProbeBatch) -> Tensor:
         _seed_all(self.seed, module.device)
@@ -234,10 +249,10 @@ class ProbedCallback(CadencedCallback):
 
     def __init__(self, every_n_train_steps: int | None, every_n_epochs: int | None, max_overhead: float | None,
                  num_samples: int, dataloader: Any, loss_fn: LossFn | None, train_mode: bool, on_error: str,
-                 seed: int, keep_graphs: bool | None) -> None:
+                 seed: int, keep_graphs: bool | None, probe_batch_size: int | None = None) -> None:
         super().__init__(every_n_train_steps, every_n_epochs, max_overhead)
         self.probe = HessianProbe(type(self).__name__, num_samples, dataloader, loss_fn, train_mode, on_error, seed,
-                                  keep_graphs)
+                                  keep_graphs, probe_batch_size)
 
     def products_per_point(self) -> int:
         """Hessian-vector products (or gradients) one cadence point computes, at most."""
@@ -251,6 +266,11 @@ class ProbedCallback(CadencedCallback):
         rebuilt = keep is False or (keep is None and batches > 1)
         factor = HVP_COST_IN_STEPS * (REBUILT_GRAPH_FACTOR if rebuilt else 1.0)
         return factor * self.products_per_point() * batches * step_seconds
+
+    def describe_cost(self, trainer: pl.Trainer) -> str:
+        batches = self.probe.expected_batches(trainer)
+        return (f"{self.products_per_point()} Hessian-vector products x {batches} batches of the "
+                f"{self.probe.num_samples}-sample subset; a larger probe_batch_size makes fewer batches")
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "probe": self.probe.state_dict()}

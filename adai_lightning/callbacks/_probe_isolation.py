@@ -13,7 +13,12 @@
   results, compute-group flags) are restored in place, so shared states (``MetricCollection``
   compute groups) stay shared;
 - the global RNGs (torch CPU and CUDA, Python's ``random``, NumPy's) are restored;
-- every module's train/eval flag and every buffer (BatchNorm running statistics) are restored;
+- every module's train/eval flag and every buffer (BatchNorm running statistics; a rebound buffer gets its
+  tensor back) are restored;
+- every module's plain Python state (lists, dicts, sets, counters, rebound or added attributes, on
+  every submodule: :mod:`~adai_lightning.callbacks._python_state`) is put back after every
+  ``training_step`` call, so each call sees the state of the cadence point and none changes the run;
+  containers are restored in place. What cannot be restored is named in one warning per attribute;
 - ``scaled_dot_product_attention`` runs its math backend (the fused kernels have no double
   backward), and ``torch.compile``'d code runs eagerly (compiled modules run their ``_orig_mod``,
   and ``torch.compiler.set_stance("force_eager")`` where available; aot_autograd has no double
@@ -27,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import random
 import sys
+import warnings
 from typing import Any, Iterator
 
 import torch
@@ -34,6 +40,7 @@ from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signatu
 from torch import Tensor
 
 from adai_lightning.callbacks._probe_subset import ProbeError
+from adai_lightning.callbacks._python_state import PythonState, restore_mapping
 
 
 def _inert_step(self: Any, closure: Any = None, *args: Any, **kwargs: Any) -> Any:
@@ -86,13 +93,26 @@ def _shadowed(obj: Any, attributes: dict[str, Any]) -> Iterator[None]:
 
 
 class StepRecorder:
-    """The losses ``manual_backward`` received during one ``training_step`` call."""
+    """The losses ``manual_backward`` received during one ``training_step`` call, and the module's Python
+    state to put back after each call (None outside the isolation context)."""
 
     def __init__(self) -> None:
         self.losses: list[Tensor] = []
+        self.state: PythonState | None = None
+        self._warned: set[str] = set()  # the attributes already named in a warning
 
     def manual_backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
         self.losses.append(loss)
+
+    def restore_state(self) -> None:
+        """Put the module's Python state back; warn once per attribute that could not be."""
+        problems = {} if self.state is None else self.state.restore()
+        for path, why in problems.items():
+            if path not in self._warned:
+                self._warned.add(path)
+                warnings.warn(f"The Hessian probe could not restore {path} after calling training_step ({why}), so "
+                              "it differs from a run without the callback. Pass loss_fn=... to compute the loss "
+                              "without training_step's side effects", RuntimeWarning, stacklevel=2)
 
 
 def _module_shadows(module: Any, recorder: StepRecorder) -> dict[str, Any]:
@@ -147,6 +167,23 @@ def _metrics_kept(module: torch.nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def _python_state_kept(module: torch.nn.Module, recorder: StepRecorder) -> Iterator[None]:
+    """The module tree's Python state as it is inside the isolation (shadows, modes): put back after every
+    ``training_step`` call (:func:`step_loss`) and on exit. torchmetrics metrics are left to :func:`_metrics_kept`."""
+    try:
+        from torchmetrics import Metric, MetricCollection
+        metrics: tuple[type, ...] = (Metric, MetricCollection)
+    except ImportError:
+        metrics = ()
+    recorder.state = PythonState(module, skip=metrics)
+    try:
+        yield
+    finally:
+        recorder.restore_state()
+        recorder.state = None
+
+
+@contextlib.contextmanager
 def _host_rngs_kept() -> Iterator[None]:
     """Python's and (if imported) NumPy's global RNG states, restored on exit."""
     numpy = sys.modules.get("numpy")
@@ -162,13 +199,18 @@ def _host_rngs_kept() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _modes_and_buffers_kept(module: torch.nn.Module) -> Iterator[None]:
+    """Modes, and buffers: their values, and which tensor each name holds (``self.ema = 0.9 * self.ema + ...``
+    rebinds a buffer)."""
     modes = [(m, m.training) for m in module.modules()]
+    bindings = [(m, dict(m._buffers)) for m in module.modules()]
     buffers = [(b, b.detach().clone()) for b in module.buffers()]
     try:
         yield
     finally:
         for submodule, training in modes:
             submodule.training = training
+        for submodule, names in bindings:
+            restore_mapping(submodule._buffers, names)
         with torch.no_grad():
             for buffer, saved in buffers:
                 buffer.copy_(saved)
@@ -210,6 +252,7 @@ def isolated(module: torch.nn.Module, train_mode: bool, recorder: StepRecorder) 
         stack.enter_context(torch.enable_grad())
         if not train_mode:
             module.eval()
+        stack.enter_context(_python_state_kept(module, recorder))  # last: it keeps the state set up above
         yield
 
 
@@ -222,7 +265,10 @@ def step_loss(module: Any, batch: Any, recorder: StepRecorder) -> Tensor:
     if is_param_in_hook_signature(step, "batch_idx", min_args=2):  # as Lightning's training loop decides
         args.append(0)
     recorder.losses = []
-    output = step(*args)
+    try:
+        output = step(*args)
+    finally:
+        recorder.restore_state()
     if len(recorder.losses) > 1:
         raise ProbeError(f"training_step calls manual_backward {len(recorder.losses)} times per step (several "
                          "optimizers?), so the loss to differentiate is ambiguous; pass loss_fn=... to the callback")

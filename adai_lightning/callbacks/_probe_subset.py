@@ -7,8 +7,9 @@ order for the rest of training). So the subset is never taken by iterating a tra
 - map-style dataset (``len`` and ``[i]``): ``num_samples`` indices drawn by ``randperm`` from a
   generator seeded with the probe's ``seed`` (the same indices for every optimizer, training seed
   and rank), read as ``dataset[i]`` and collated with the loader's ``collate_fn`` into batches of
-  the loader's ``batch_size`` (the last one may be smaller), so batch-dependent layers (BatchNorm
-  in train mode) see batches of the size training uses;
+  ``probe_batch_size`` samples (default: the loader's ``batch_size``, so batch-dependent layers,
+  BatchNorm in train mode, see batches of the size training uses and memory stays that of a
+  training batch; the last batch may be smaller);
 - iterable dataset: the first ``num_samples`` items of a fresh ``iter(dataset)`` (not the
   loader's iterator), collated the same way;
 - a ``dataloader=`` that is not a ``DataLoader`` (any iterable of batches): its first batches
@@ -70,7 +71,13 @@ def _is_map_style(dataset: Any) -> bool:
     return not isinstance(dataset, IterableDataset) and hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")
 
 
-def _loader_batch_size(loader: DataLoader, key: str) -> int | None:
+def _loader_batch_size(loader: DataLoader, key: str, batch_size: int | None) -> int | None:
+    """``batch_size`` if given, else the loader's; None for a loader whose dataset gives whole batches."""
+    if batch_size is not None and loader.batch_size is None and loader.batch_sampler is None:
+        raise ProbeError(f"probe_batch_size={batch_size} cannot rebatch the train loader{key}: it has batch_size=None "
+                         "(its dataset gives whole batches); leave probe_batch_size=None")
+    if batch_size is not None:
+        return batch_size
     size = loader.batch_size if loader.batch_size is not None else getattr(loader.batch_sampler, "batch_size", None)
     if size is None and loader.batch_sampler is not None:
         raise ProbeError(f"the train loader{key} has a batch_sampler without a batch_size, so the probe cannot form "
@@ -83,16 +90,16 @@ def choose_indices(length: int, num_samples: int, seed: int) -> list[int]:
     return torch.randperm(length, generator=torch.Generator().manual_seed(seed))[:num_samples].tolist()
 
 
-def _collated(loader: DataLoader, samples: list[Any], key: str) -> list[tuple[Any, int]]:
-    """``(batch, sample count)`` for each chunk of ``samples`` of the loader's batch size."""
-    size = _loader_batch_size(loader, key)
+def _collated(loader: DataLoader, samples: list[Any], key: str, batch_size: int | None) -> list[tuple[Any, int]]:
+    """``(batch, sample count)`` for each chunk of ``samples`` of ``batch_size`` (None: the loader's)."""
+    size = _loader_batch_size(loader, key, batch_size)
     if size is None:
         return [(sample, extract_batch_size(sample)) for sample in samples]
     return [(loader.collate_fn(samples[i:i + size]), len(samples[i:i + size])) for i in range(0, len(samples), size)]
 
 
-def _leaf_batches(loader: Any, num_samples: int, seed: int, record: SubsetRecord | None, key: str
-                  ) -> tuple[list[tuple[Any, int]], SubsetRecord]:
+def _leaf_batches(loader: Any, num_samples: int, seed: int, record: SubsetRecord | None, key: str,
+                  batch_size: int | None) -> tuple[list[tuple[Any, int]], SubsetRecord]:
     """One loader's subset as ``(batch, sample count)`` pairs, and its record (``record`` reuses a saved one)."""
     dataset = getattr(loader, "dataset", None) if isinstance(loader, DataLoader) else None
     if dataset is not None and _is_map_style(dataset):
@@ -101,7 +108,7 @@ def _leaf_batches(loader: Any, num_samples: int, seed: int, record: SubsetRecord
         if indices and max(indices) >= len(dataset):
             raise ProbeError(f"the saved evaluation subset{key} has index {max(indices)} but the dataset has "
                              f"{len(dataset)} samples; resume with the same data")
-        return _collated(loader, [dataset[i] for i in indices], key), SubsetRecord(indices=indices)
+        return _collated(loader, [dataset[i] for i in indices], key, batch_size), SubsetRecord(indices=indices)
     if dataset is not None:  # iterable dataset: a fresh iterator of its own
         count = record.first_items if record is not None and record.first_items is not None else num_samples
         items = []
@@ -109,7 +116,7 @@ def _leaf_batches(loader: Any, num_samples: int, seed: int, record: SubsetRecord
             items.append(item)
             if len(items) == count:
                 break
-        return _collated(loader, items, key), SubsetRecord(first_items=len(items))
+        return _collated(loader, items, key, batch_size), SubsetRecord(first_items=len(items))
     wanted = record.first_batches if record is not None and record.first_batches is not None else None
     taken, total = [], 0
     for batch in loader:  # a loader of the user's own (dataloader=): its first batches
@@ -130,10 +137,11 @@ def _leaves(loaders: Any) -> tuple[list[tuple[Any, Any]], str]:
 
 
 def evaluation_batches(loaders: Any, mode: str, num_samples: int, seed: int,
-                       records: dict[str, SubsetRecord] | None, from_trainer: bool
+                       records: dict[str, SubsetRecord] | None, from_trainer: bool, batch_size: int | None = None
                        ) -> tuple[list[ProbeBatch], dict[str, SubsetRecord]]:
     """The subset of ``loaders`` (one loader, or a dict/list of them combined in ``mode``) as weighted
-    batches, and its records keyed by loader (``""`` for a single loader). ``records`` reuses saved ones.
+    batches of ``batch_size`` samples (None: each loader's batch size), and its records keyed by loader
+    (``""`` for a single loader). ``records`` reuses saved ones.
 
     ``from_trainer``: the loaders are the trainer's own, so one that is not a ``DataLoader`` (it could
     only be iterated, which disturbs training) is refused with a request for ``dataloader=``.
@@ -148,7 +156,7 @@ def evaluation_batches(loaders: Any, mode: str, num_samples: int, seed: int,
                              "(a loader of its own) to the callback")
         saved = None if records is None else records.get(name)
         per_leaf[key], new_records[name] = _leaf_batches(loader, num_samples, seed, saved,
-                                                         "" if key is None else f" {key!r}")
+                                                         "" if key is None else f" {key!r}", batch_size)
         if not per_leaf[key]:
             raise ProbeError(f"the loader{'' if key is None else f' {key!r}'} gave no samples for the evaluation subset")
     if kind == "single":
@@ -165,10 +173,11 @@ def evaluation_batches(loaders: Any, mode: str, num_samples: int, seed: int,
     return [ProbeBatch(batch, 1.0 / length) for batch in combined], new_records
 
 
-def expected_batches(loaders: Any, num_samples: int) -> int:
-    """How many batches the subset of ``loaders`` will have (for cost planning before it is taken)."""
+def expected_batches(loaders: Any, num_samples: int, batch_size: int | None = None) -> int:
+    """How many batches the subset of ``loaders`` in batches of ``batch_size`` (None: the loaders') will have
+    (for cost planning before it is taken)."""
     counts = []
     for _, loader in _leaves(loaders)[0]:
-        size = getattr(loader, "batch_size", None) if isinstance(loader, DataLoader) else None
+        size = (batch_size or loader.batch_size) if isinstance(loader, DataLoader) else None
         counts.append(math.ceil(num_samples / size) if size else 1)
     return max(counts) if counts else 1

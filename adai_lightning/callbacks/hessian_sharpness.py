@@ -48,6 +48,11 @@ class HessianSharpness(ProbedCallback):
     optimizer step used (read in ``on_before_optimizer_step``, before any scheduler moves them); the
     inertia and preconditioner come from the state it left.
 
+    Every product costs that many passes over each batch of the subset: ``num_samples`` in batches of
+    ``probe_batch_size`` (default None: the train loader's batch size, so the probe's memory is that of
+    a training batch's double backward; a batch-size-1 loader then makes ``num_samples`` batches per
+    product: pass e.g. ``probe_batch_size=64`` to make ``ceil(num_samples / 64)``).
+
     The evaluation subset (``num_samples`` samples, fixed and checkpointed), the loss, train mode
     (default; ``train_mode=False``: eval mode) and side-effect isolation are those of
     :class:`~adai_lightning.callbacks._hessian_probe.HessianProbe` (see docs/callbacks-curvature.md).
@@ -59,9 +64,9 @@ class HessianSharpness(ProbedCallback):
                  lanczos_iters: int | None = None,
                  power_iters: int = 100, dataloader: Any = None, loss_fn: LossFn | None = None,
                  train_mode: bool = True, on_error: str = "warn", seed: int = 0,
-                 keep_graphs: bool | None = None) -> None:
+                 keep_graphs: bool | None = None, probe_batch_size: int | None = None) -> None:
         super().__init__(every_n_train_steps, every_n_epochs, max_overhead, num_samples, dataloader, loss_fn,
-                         train_mode, on_error, seed, keep_graphs)
+                         train_mode, on_error, seed, keep_graphs, probe_batch_size)
         check_int("top_k", top_k, 1)
         check_choice("method", method, ("lanczos", "power"))
         check_int("trace_samples", trace_samples, 0)

@@ -77,7 +77,8 @@ class SaddleEscapeMonitor(ProbedCallback):
     plateaus) per group instead of one per step. Escape events are therefore logged when their
     group is read, at the logger step of the batch that confirmed them.
 
-    Cadence: by default as often as ``max_overhead`` allows (see :class:`HessianSharpness`).
+    Cadence: by default as often as ``max_overhead`` allows; the subset's batches, ``probe_batch_size``
+    (default: the train loader's batch size), as in :class:`HessianSharpness`.
 
     The plateau detector reads the loss ``training_step`` returned (the tensor or its ``"loss"``
     entry). A step without one (``training_step`` returned None to skip the batch, or returned
@@ -94,9 +95,9 @@ class SaddleEscapeMonitor(ProbedCallback):
                  method: str = "lanczos",
                  lanczos_iters: int = 20, power_iters: int = 100, dataloader: Any = None, loss_fn: LossFn | None = None,
                  train_mode: bool = True, on_error: str = "warn", seed: int = 0,
-                 keep_graphs: bool | None = None) -> None:
+                 keep_graphs: bool | None = None, probe_batch_size: int | None = None) -> None:
         super().__init__(every_n_train_steps, every_n_epochs, max_overhead, num_samples, dataloader, loss_fn,
-                         train_mode, on_error, seed, keep_graphs)
+                         train_mode, on_error, seed, keep_graphs, probe_batch_size)
         self.detector = PlateauDetector(plateau_window, plateau_min_steps, plateau_tolerance, escape_fraction,
                                         names=DETECTOR_ARGUMENTS)
         check_choice("method", method, ("lanczos", "power"))
