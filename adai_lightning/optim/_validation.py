@@ -161,6 +161,18 @@ def parameters(params: Iterable[Tensor], eps: Any) -> None:
         )
 
 
+def loaded_state(saved: Mapping[str, Any] | None, param: Tensor, where: str) -> None:
+    """Refuse loaded state whose tensors (all but the step count) have another shape than ``param``
+    (``where`` names it)."""
+    for key, value in (saved or {}).items():
+        if key != "step" and isinstance(value, Tensor) and value.shape != param.shape:
+            raise ValueError(
+                f"Cannot load the Adai state of {where}: its {key!r} has shape {tuple(value.shape)} but the "
+                f"parameter has shape {tuple(param.shape)}; the state dict belongs to another model or to "
+                f"param groups in another order"
+            )
+
+
 def check_group(group: Mapping[str, Any], params: Iterable[Tensor]) -> None:
     """Everything about one param group: its options, then its parameters against them."""
     options(group)

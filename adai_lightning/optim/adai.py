@@ -299,13 +299,19 @@ class Adai(Optimizer):
         torch casts floating state to each parameter's dtype (bfloat16 state would lose Adai's float32
         precision). Adai re-reads it at full precision from the dict the load-state-dict pre-hooks
         returned (not the argument), before any post-hook runs: both kinds of hooks work as for torch's
-        optimizers. The loaded hyperparameters are checked before anything changes.
+        optimizers. The loaded hyperparameters, and the shape of every loaded state tensor against its
+        parameter (a state dict of another model, or of param groups in another order), are checked
+        before anything changes.
         """
         loaded: dict[str, Any] = {}
 
         def capture(optimizer: Adai, final: dict[str, Any]) -> None:  # runs after every other pre-hook
-            for saved, group in zip(final["param_groups"], self.param_groups):
+            for index, (saved, group) in enumerate(zip(final["param_groups"], self.param_groups)):
                 _validation.check_group({**self.defaults, **saved}, group["params"])
+                if len(saved["params"]) == len(group["params"]):  # else torch's ValueError follows
+                    for position, (saved_id, param) in enumerate(zip(saved["params"], group["params"])):
+                        _validation.loaded_state(final["state"].get(saved_id), param,
+                                                 f"parameter {position} of param group {index}")
             loaded["state_dict"] = final
 
         def restore(optimizer: Adai) -> None:  # runs before every other post-hook
@@ -380,6 +386,43 @@ class Adai(Optimizer):
         return _GroupWork(self._hyper(group), members, params, [local(param.grad) for param in members],
                           foreach, fused, self.skip_nonfinite)
 
+    def _check_operands(self, works: list[_GroupWork]) -> None:
+        """Refuse a gradient or state tensor that does not fit its parameter, before anything changes.
+
+        The native and Triton kernels read every operand through raw pointers for the parameter's
+        element count, in the state's dtype: a state tensor of another shape (loaded from another model,
+        or param groups in another order) or dtype (the parameter moved by ``model.double()`` after
+        its state was created), or on another device, would make them read or write out of bounds.
+        Raised here on every path, as the ``RuntimeError`` torch.optim's optimizers raise, naming the
+        parameter. Host-side metadata comparisons only (no device synchronisation).
+        """
+        states = self.state
+        for work in works:
+            for member, param, grad in zip(work.members, work.params, work.grads):
+                if grad.shape != param.shape or grad.device != param.device:  # local parts, for a DTensor
+                    self._refuse(member, "its gradient", grad, param)
+                state = states.get(member)
+                if not state:  # created in the right layout by _count_steps
+                    continue
+                shape, device, dtype = member.shape, member.device, state_dtype(member)
+                for key in _STATE_TENSORS:
+                    tensor = state[key]
+                    if tensor.shape != shape or tensor.dtype is not dtype or tensor.device != device:
+                        self._refuse(member, f"its state {key!r}", tensor, member)
+
+    def _refuse(self, member: Tensor, what: str, tensor: Tensor, reference: Tensor) -> None:
+        """Raise the error for ``tensor`` (``what`` of parameter ``member``) not fitting ``reference``
+        (the parameter, or its local part)."""
+        where = next((f"parameter {i} of param group {g}" for g, group in enumerate(self.param_groups)
+                      for i, candidate in enumerate(group["params"]) if candidate is member), "a parameter")
+        dtype = reference.dtype if what == "its gradient" else state_dtype(reference)
+        raise RuntimeError(
+            f"Adai cannot step {where}: {what} is {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}, but "
+            f"the parameter needs {tuple(reference.shape)} {dtype} on {reference.device}; was the parameter cast or "
+            f"moved after its state was created (e.g. model.double()), or the state loaded from another model or "
+            f"param-group order? Create the optimizer anew, or load a state dict that matches"
+        )
+
     def _count_steps(self, works: list[_GroupWork]) -> dict[torch.device, list[Tensor]]:
         """Create the state of first-time parameters and add 1 to every step count.
 
@@ -436,6 +479,7 @@ class Adai(Optimizer):
         # Every check that can refuse the step (sparse gradients, a path that cannot run) comes before
         # the first change, so a refused step leaves the optimizer as it was.
         works = [work for work in map(self._gather, self.param_groups) if work.params]
+        self._check_operands(works)
         reduce = self._reduces()
         if not works:  # still join the other ranks' reductions (verdict, vbar), if there are any
             anchor = self.param_groups[0]["params"][0]
