@@ -87,6 +87,14 @@ def flag(name: str, value: Any) -> None:
         raise TypeError(f"Invalid {name}: {value!r} ({type(value).__name__}); it must be {allowed}")
 
 
+def count_or_none(name: str, value: Any) -> None:
+    """Refuse anything but ``None`` or an int of at least 1 for ``name``."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return
+    raise (ValueError if isinstance(value, int) and not isinstance(value, bool) else TypeError)(
+        f"Invalid {name}: {value!r}; it must be an int of at least 1, or None")
+
+
 def sharding(mode: Any) -> None:
     """Refuse a ``sharding`` that is not one of :data:`SHARDING_MODES`."""
     if not (isinstance(mode, str) and mode in SHARDING_MODES):
