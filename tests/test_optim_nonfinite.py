@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -235,3 +236,51 @@ def test_sharded_ranks_agree_on_skipping(tmp_path) -> None:
     for name, result in results.items():
         assert result["skipped_steps"] == 1.0, name
         assert result["deviation"] <= TOLERANCE, (name, result)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_by_default_a_non_finite_gradient_skips_the_step_and_warns_once(path: str) -> None:
+    params = _params(torch.float32)
+    opt = Adai(params, lr=0.5, **PATHS[path])
+    for step in range(BAD_STEP):
+        _set_grads(params, step)
+        opt.step()
+    before = _snapshot(opt, params)
+    for step, poison in ((BAD_STEP, float("nan")), (BAD_STEP + 1, float("inf"))):
+        _set_grads(params, step, poison)
+        if poison != poison:  # the NaN, first
+            with pytest.warns(RuntimeWarning, match=r"^Adai skipped a step: a gradient held a NaN or infinity \(1 skipped"):
+                opt.step()
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # only the first skip warns
+                opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(_snapshot(opt, params), before))
+    assert opt.skipped_steps.item() == 2.0 and opt.consecutive_skips.item() == 2.0
+    _set_grads(params, BAD_STEP + 2)
+    opt.step()
+    assert opt.consecutive_skips.item() == 0.0 and all(torch.isfinite(p).all() for p in params)
+
+
+def test_a_run_of_max_consecutive_skips_raises_and_an_applied_step_resets_it() -> None:
+    params = _params()
+    opt = Adai(params, max_consecutive_skips=3)
+    warnings.simplefilter("ignore", RuntimeWarning)
+    for step, poison in enumerate([float("nan")] * 2 + [None] + [float("nan")] * 2):
+        _set_grads(params, step, poison)
+        opt.step()
+    _set_grads(params, 5, float("nan"))
+    with pytest.raises(RuntimeError, match=r"^Adai skipped 3 steps in a row \(max_consecutive_skips=3\)"):
+        opt.step()
+    assert opt.skipped_steps.item() == 5.0  # the step that raised was skipped like the others
+    unlimited = Adai(_params(), max_consecutive_skips=None)
+    for step in range(120):
+        _set_grads(unlimited.param_groups[0]["params"], step, float("nan"))
+        unlimited.step()
+    assert unlimited.skipped_steps.item() == 120.0
+
+
+@pytest.mark.parametrize("value, error", [(0, ValueError), (-1, ValueError), (2.5, TypeError), (True, TypeError)])
+def test_max_consecutive_skips_must_be_a_positive_int_or_none(value, error) -> None:
+    with pytest.raises(error, match=r"^Invalid max_consecutive_skips: .*; it must be an int of at least 1, or None$"):
+        Adai([torch.nn.Parameter(torch.zeros(1))], max_consecutive_skips=value)

@@ -3,7 +3,7 @@ switches, each in a subprocess: every outcome equals the float64 oracle or is a 
 never a signal (SIGSEGV, SIGABRT from "double free") or a hang.
 
 The sequences are drawn and run by ``tests/scripts/optimizer_sequences.py`` (see its docstring), a
-batch per subprocess. The default run takes 12 sequences on the CPU paths (native, foreach,
+batch per subprocess. The default run takes 10 sequences on the CPU paths (native, foreach,
 single-tensor) in one subprocess; ``ADAI_HYPOTHESIS_PROFILE=thorough`` (the profile of
 ``tests/test_optim_properties.py``) takes 300. The slow test adds the multi-tensor Triton kernels
 under Triton's interpreter.
@@ -23,7 +23,7 @@ import pytest
 from adai_lightning.optim import _multi_tensor
 
 ROOT = Path(__file__).resolve().parents[1]
-SEQUENCES = 300 if os.environ.get("ADAI_HYPOTHESIS_PROFILE") == "thorough" else 12
+SEQUENCES = 300 if os.environ.get("ADAI_HYPOTHESIS_PROFILE") == "thorough" else 10
 
 
 def run_sequences(seeds: range, *flags: str, timeout: float = 240) -> list[dict]:
