@@ -284,3 +284,12 @@ def test_a_run_of_max_consecutive_skips_raises_and_an_applied_step_resets_it() -
 def test_max_consecutive_skips_must_be_a_positive_int_or_none(value, error) -> None:
     with pytest.raises(error, match=r"^Invalid max_consecutive_skips: .*; it must be an int of at least 1, or None$"):
         Adai([torch.nn.Parameter(torch.zeros(1))], max_consecutive_skips=value)
+
+
+def test_fused_true_refuses_a_guarded_bucket_only_the_compiled_kernels_could_run() -> None:
+    param = torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
+    param.grad = torch.ones_like(param)
+    with pytest.raises(RuntimeError, match=r"fused=True\) cannot run torch.bfloat16 parameters on cpu with "
+                                           r"skip_nonfinite=True \(the default\)"):
+        Adai([param], fused=True).step()
+    assert torch.equal(param, torch.zeros_like(param))

@@ -134,6 +134,20 @@ def _regular(lists: list[list[Tensor]], written: tuple[int, ...] = ()) -> tuple[
     return lists, pairs
 
 
+_last_device_scalars: list = [None, None]  # [key, scalars] of the last call: pass 2 reuses pass 1's
+
+
+def _device_scalars(hyper: AdaiHyper, steps: list[Tensor], device: torch.device) -> Tensor:
+    """The coefficients with one ``1 - beta2**step`` row per step tensor, formed on the device (6 small
+    ops); pass 2 reuses pass 1's: the key holds the step tensors and their version counters, which
+    every in-place change of a count advances."""
+    key = (hyper, device, tuple(map(id, steps)), tuple(step._version for step in steps))
+    if _last_device_scalars[0] != key:
+        bias = bias_correction(hyper.beta2, torch.stack(steps))
+        _last_device_scalars[:] = key, torch.cat([_scalars(hyper, (), device), bias])
+    return _last_device_scalars[1]
+
+
 def _launch_tables(lists: list[list[Tensor]], steps: list[int] | list[Tensor], hyper: AdaiHyper
                    ) -> tuple[Tensor, Tensor, int, Tensor]:
     """Device tables for these operand lists (cached), their chunk count, and the kernels' coefficients.
@@ -145,7 +159,7 @@ def _launch_tables(lists: list[list[Tensor]], steps: list[int] | list[Tensor], h
     device = lists[0][0].device
     if isinstance(steps[0], Tensor):
         rows = tuple(range(len(steps)))
-        scalars = torch.cat([_scalars(hyper, (), device), bias_correction(hyper.beta2, torch.stack(steps))])
+        scalars = _device_scalars(hyper, steps, device)
     else:
         distinct = sorted(set(steps))
         rows = (0,) * len(steps) if len(distinct) == 1 else tuple(distinct.index(s) for s in steps)

@@ -59,7 +59,8 @@ class _GroupWork:
         compiled, foreach or single-tensor.
 
         A guarded step runs the paths that take ``found_inf`` and step tensors (native, Triton, foreach,
-        single-tensor); the compiled kernels take Python int steps, so such a bucket runs foreach.
+        single-tensor); the compiled kernels take Python int steps, so such a bucket runs foreach
+        (``fused=None``) or is refused (``fused=True``).
         """
         dtype = state_dtype(params[0])
         if self.fused is not False:
@@ -69,6 +70,11 @@ class _GroupWork:
                 return _multi_tensor.vhat_sum_multi_tensor, _multi_tensor.inertia_update_multi_tensor
             if not self.guarded and _fused.use_fused(self.fused, params, grads, dtype, self.hyper):
                 return _fused.vhat_sum_fused, _fused.inertia_update_fused
+            if self.guarded and self.fused:
+                raise RuntimeError(
+                    f"Adai(fused=True) cannot run {params[0].dtype} parameters on {params[0].device.type} with "
+                    f"skip_nonfinite=True (the default): only the compiled kernels take them, and they cannot skip a "
+                    f"step on the device; pass skip_nonfinite=False to use them, or fused=None for the foreach path")
         if self.foreach:
             return F.second_moment_foreach, F.inertia_update_foreach
         return F.second_moment_single_tensor, F.inertia_update_single_tensor
