@@ -293,3 +293,10 @@ def test_fused_true_refuses_a_guarded_bucket_only_the_compiled_kernels_could_run
                                            r"skip_nonfinite=True \(the default\)"):
         Adai([param], fused=True).step()
     assert torch.equal(param, torch.zeros_like(param))
+
+
+def test_a_rank_without_gradients_gives_a_finite_verdict() -> None:
+    """Such a rank (a ZeRO partition of frozen weights) still joins the verdict's all-reduce, with 0."""
+    from adai_lightning.optim import _functional
+
+    assert _functional.nonfinite_flag([], torch.device("cpu")).item() == 0.0

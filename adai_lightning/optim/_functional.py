@@ -94,6 +94,8 @@ def nonfinite_flag(grads: list[Tensor], device: torch.device) -> Tensor:
     costs 20x as much (82 ms against 4 ms for ResNet-18's gradients on one thread).
     """
     norms = [torch.zeros((), dtype=torch.float32, device=device)]
+    if not grads:  # a rank without gradients joins the verdict's all-reduce with 0
+        return norms[0]
     grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype([grads])
     for (bucket,), _ in grouped.values():
         norms.append(torch.stack(torch._foreach_norm(bucket, 2)).float().sum().to(device, non_blocking=True))
