@@ -145,16 +145,18 @@ class ForcedPath:
 
 
 def step_optimizers(device: torch.device) -> dict[str, Callable[[list[torch.Tensor]], object]]:
-    def path(name: str) -> Callable[[list[torch.Tensor]], object]:
-        return lambda ps: ForcedPath(Adai(ps, lr=1e-3, fused=True), name, device)
+    def path(name: str, **options: object) -> Callable[[list[torch.Tensor]], object]:
+        return lambda ps: ForcedPath(Adai(ps, lr=1e-3, fused=True, **options), name, device)
 
     return {
         "Adam fused": lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True),
         "Adam foreach": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True),
         "SGD-M foreach": lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, foreach=True),
         "Adai default (fused=None)": lambda ps: Adai(ps, lr=1e-3),
+        "Adai default, skip_nonfinite=False": lambda ps: Adai(ps, lr=1e-3, skip_nonfinite=False),
         "Adai multi-tensor (fused=True)": path("multi_tensor"),
-        "Adai compiled (torch.compile)": path("compiled"),
+        # its kernels take int step counts, which the default non-finite guard cannot give them
+        "Adai compiled (torch.compile, skip_nonfinite=False)": path("compiled", skip_nonfinite=False),
         "Adai foreach": lambda ps: Adai(ps, lr=1e-3, foreach=True, fused=False),
     }
 

@@ -1,6 +1,6 @@
 """Time one optimizer step of each Adai path against torch's Adam and SGD on ResNet-18 parameter shapes.
 
-    PYTHONPATH=. python benchmarks/optimizer_step.py [--device cpu|cuda] [--rounds 15] [--threads N] 2>/dev/null
+    PYTHONPATH=. python benchmarks/optimizer_step.py [--device cpu|cuda] [--rounds 15] [--threads N] [--only Adai] 2>/dev/null
 
 (the profiler and the compiler log to stderr; the table goes to stdout).
 
@@ -51,7 +51,7 @@ def optimizer_factories() -> dict[str, Callable[[list[torch.Tensor]], torch.opti
         "Adam foreach": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True),
         "SGD momentum foreach": lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9, foreach=True),
         "Adai default (fused=None)": lambda ps: Adai(ps, lr=1e-3),
-        "Adai default, skip_nonfinite": lambda ps: Adai(ps, lr=1e-3, skip_nonfinite=True),
+        "Adai default, skip_nonfinite=False": lambda ps: Adai(ps, lr=1e-3, skip_nonfinite=False),
         "Adai fused=True": lambda ps: Adai(ps, lr=1e-3, fused=True),
         "Adai foreach": lambda ps: Adai(ps, lr=1e-3, foreach=True, fused=False),
         "Adai single-tensor": lambda ps: Adai(ps, lr=1e-3, foreach=False, fused=False),
@@ -106,6 +106,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
     parser.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (median reported)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads for torch")
+    parser.add_argument("--only", nargs="+", metavar="TEXT",
+                        help="time only the optimizers whose label contains one of these (Adam fused always)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -114,7 +116,8 @@ def main() -> None:
     numel = sum(p.numel() for p in params)
     print(f"torch {torch.__version__}, device {device}, {args.threads} threads, {len(params)} tensors, "
           f"{numel / 1e6:.2f}M {args.dtype} elements, {args.rounds} rounds")
-    optimizers = {label: make(params) for label, make in optimizer_factories().items()}
+    optimizers = {label: make(params) for label, make in optimizer_factories().items()
+                  if args.only is None or label == "Adam fused" or any(text in label for text in args.only)}
     first = {label: timed_step(opt, device) for label, opt in optimizers.items()}
     timed_step(optimizers["Adam fused"], device)  # warm caches once more before measuring
 

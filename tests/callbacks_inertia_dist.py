@@ -34,7 +34,7 @@ def reference_beta1(optimizer, names: dict[int, str]) -> dict[str, list[float]]:
             state = optimizer.state[param]
             v = state["exp_avg_sq"]
             v = v.to_local() if hasattr(v, "to_local") else v
-            vhat = v.double().flatten() / (1 - beta2 ** state["step"])
+            vhat = v.double().flatten() / (1 - beta2 ** float(state["step"]))  # an int, or a float32 tensor (guarded)
             out[names[id(param)]] = (1 - beta0 * vhat / vbar).clamp(0, 1 - group["eps"]).tolist()
     return out
 

@@ -144,7 +144,9 @@ def test_statistics_equal_the_papers_formula_in_float64() -> None:
 
     ((step, logged),) = logger.inertia().items()
     assert step == 3  # the step Lightning logs the 4th batch's metrics at
-    assert set(logged) == {prefix + stat for prefix in expected for stat in STATS}
+    # skipped_steps: logged because Adai skips non-finite steps by default (none here)
+    assert set(logged) == {prefix + stat for prefix in expected for stat in STATS} | {"inertia/skipped_steps"}
+    assert logged["inertia/skipped_steps"] == 0.0
     for prefix, stats in expected.items():
         for stat, value in stats.items():
             assert logged[prefix + stat] == pytest.approx(value, abs=2e-6, rel=1e-5), prefix + stat

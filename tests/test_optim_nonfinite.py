@@ -1,10 +1,11 @@
-"""Non-finite gradients: visible without the guard, an exact no-op step with ``skip_nonfinite=True``."""
+"""Non-finite gradients: an exact no-op step with ``skip_nonfinite=True`` (the default), visible without it."""
 
 from __future__ import annotations
 
 import copy
 import io
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -46,7 +47,7 @@ def _snapshot(opt: Adai, params: list) -> list[torch.Tensor]:
 def test_without_the_guard_a_non_finite_gradient_shows_in_vbar(path: str, poison: str) -> None:
     """Before: ``safe_mean`` turned a NaN vbar into 1.0 for good. Now it stays NaN/inf, step after step."""
     params = _params(torch.float32)
-    opt = Adai(params, lr=0.5, **PATHS[path])
+    opt = Adai(params, lr=0.5, skip_nonfinite=False, **PATHS[path])
     for step in range(BAD_STEP + 5):
         _set_grads(params, step, POISONS[poison] if step == BAD_STEP else None)
         opt.step()
@@ -104,7 +105,7 @@ def test_a_skipped_first_step_leaves_no_trace(path: str) -> None:
 @pytest.mark.parametrize("path", list(PATHS))
 def test_guard_without_a_bad_step_changes_nothing(path: str) -> None:
     guarded, plain = _params(), _params()
-    a, b = Adai(guarded, skip_nonfinite=True, **PATHS[path]), Adai(plain, **PATHS[path])
+    a, b = Adai(guarded, **PATHS[path]), Adai(plain, skip_nonfinite=False, **PATHS[path])
     for step in range(15):
         _set_grads(guarded, step)
         _set_grads(plain, step)
@@ -162,13 +163,15 @@ def test_the_guard_never_reads_device_values_on_the_host(path: str, monkeypatch:
     def forbidden(*args, **kwargs):
         raise AssertionError("host synchronisation inside step()")
 
+    seen = []  # the skip watch reads the (CPU) counters on the host, which synchronises nothing on CPU
+    monkeypatch.setattr(opt._skip_watch, "after_step", lambda skipped, run: seen.append(skipped))
     for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
     for poison in (None, float("nan")):
         _set_grads(params, 2, poison)
         opt.step()
     monkeypatch.undo()
-    assert opt.skipped_steps.item() == 1.0
+    assert opt.skipped_steps.item() == 1.0 and len(seen) == 2
 
 
 @pytest.mark.parametrize("value", ["yes", 1, None])
@@ -233,3 +236,67 @@ def test_sharded_ranks_agree_on_skipping(tmp_path) -> None:
     for name, result in results.items():
         assert result["skipped_steps"] == 1.0, name
         assert result["deviation"] <= TOLERANCE, (name, result)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_by_default_a_non_finite_gradient_skips_the_step_and_warns_once(path: str) -> None:
+    params = _params(torch.float32)
+    opt = Adai(params, lr=0.5, **PATHS[path])
+    for step in range(BAD_STEP):
+        _set_grads(params, step)
+        opt.step()
+    before = _snapshot(opt, params)
+    for step, poison in ((BAD_STEP, float("nan")), (BAD_STEP + 1, float("inf"))):
+        _set_grads(params, step, poison)
+        if poison != poison:  # the NaN, first
+            with pytest.warns(RuntimeWarning, match=r"^Adai skipped a step: a gradient held a NaN or infinity \(1 skipped"):
+                opt.step()
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # only the first skip warns
+                opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(_snapshot(opt, params), before))
+    assert opt.skipped_steps.item() == 2.0 and opt.consecutive_skips.item() == 2.0
+    _set_grads(params, BAD_STEP + 2)
+    opt.step()
+    assert opt.consecutive_skips.item() == 0.0 and all(torch.isfinite(p).all() for p in params)
+
+
+def test_a_run_of_max_consecutive_skips_raises_and_an_applied_step_resets_it() -> None:
+    params = _params()
+    opt = Adai(params, max_consecutive_skips=3)
+    warnings.simplefilter("ignore", RuntimeWarning)
+    for step, poison in enumerate([float("nan")] * 2 + [None] + [float("nan")] * 2):
+        _set_grads(params, step, poison)
+        opt.step()
+    _set_grads(params, 5, float("nan"))
+    with pytest.raises(RuntimeError, match=r"^Adai skipped 3 steps in a row \(max_consecutive_skips=3\)"):
+        opt.step()
+    assert opt.skipped_steps.item() == 5.0  # the step that raised was skipped like the others
+    unlimited = Adai(_params(), max_consecutive_skips=None)
+    for step in range(120):
+        _set_grads(unlimited.param_groups[0]["params"], step, float("nan"))
+        unlimited.step()
+    assert unlimited.skipped_steps.item() == 120.0
+
+
+@pytest.mark.parametrize("value, error", [(0, ValueError), (-1, ValueError), (2.5, TypeError), (True, TypeError)])
+def test_max_consecutive_skips_must_be_a_positive_int_or_none(value, error) -> None:
+    with pytest.raises(error, match=r"^Invalid max_consecutive_skips: .*; it must be an int of at least 1, or None$"):
+        Adai([torch.nn.Parameter(torch.zeros(1))], max_consecutive_skips=value)
+
+
+def test_fused_true_refuses_a_guarded_bucket_only_the_compiled_kernels_could_run() -> None:
+    param = torch.nn.Parameter(torch.zeros(3, dtype=torch.bfloat16))
+    param.grad = torch.ones_like(param)
+    with pytest.raises(RuntimeError, match=r"fused=True\) cannot run torch.bfloat16 parameters on cpu with "
+                                           r"skip_nonfinite=True \(the default\)"):
+        Adai([param], fused=True).step()
+    assert torch.equal(param, torch.zeros_like(param))
+
+
+def test_a_rank_without_gradients_gives_a_finite_verdict() -> None:
+    """Such a rank (a ZeRO partition of frozen weights) still joins the verdict's all-reduce, with 0."""
+    from adai_lightning.optim import _functional
+
+    assert _functional.nonfinite_flag([], torch.device("cpu")).item() == 0.0

@@ -38,11 +38,13 @@ def fast_report() -> dict:
     return _interpreter_report(*FAST_CHECKS)
 
 
-@pytest.mark.parametrize("kind, bound", [("cold", 40), ("warm", 12)])
+@pytest.mark.parametrize("kind, bound", [("cold", 40), ("warm", 12), ("guarded", 34)])
 def test_launches_per_step_do_not_grow_with_the_model(fast_report, kind, bound):
     """One whole Adai.step() on 20 and on 160 parameter tensors: two Triton launches (one per pass)
     and the same few torch operations, with every table built and uploaded (cold) or cached (warm:
-    only the step's coefficients are uploaded)."""
+    only the step's coefficients are uploaded), with ``skip_nonfinite=False``; and warm with the
+    default guard (``guarded``: the step counts, the skip verdict, its counters and the bias
+    corrections are small device ops)."""
     small, large = fast_report["launches"][kind]
     assert (small["tensors"], large["tensors"]) == (20, 160)
     assert small["triton_launches"] == large["triton_launches"] == 2
@@ -105,7 +107,7 @@ def test_unavailable_kernels_warn_once_and_the_compiled_path_decides(monkeypatch
         for _ in range(2):
             param.grad = torch.ones(4)
             with pytest.raises(RuntimeError, match=r"fused=True\) cannot run: no inductor"):
-                Adai([param], fused=True).step()
+                Adai([param], fused=True, skip_nonfinite=False).step()  # guarded steps never compile
     messages = [str(w.message) for w in caught]
     assert messages == ["Adai's multi-tensor CUDA step is unavailable, trying the compiled path: no GPU compiler (test)"]
 

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
 import torch
 
-from adai_lightning.optim import Adai, AdaiW, _fused, _native
+from adai_lightning.optim import AdaiW, _fused, _native
+from adai_lightning.optim import Adai as GuardedAdai
 from tests.adai_oracle import OracleAdai
+
+#: The compiled kernels take Python int step counts: under the non-finite guard (on by default) their
+#: buckets run foreach, so every optimizer here is built without it.
+Adai = functools.partial(GuardedAdai, skip_nonfinite=False)
 
 # Shapes: dense tensors above the (patched) small-tensor threshold, small ones that get packed,
 # a transposed (non-contiguous) one and a 0-dim one.
@@ -198,7 +204,7 @@ def test_fused_found_inf_leaves_everything_unchanged():
     state = optimizer.state[param]
     lists = [[param.detach()], [param.grad], [state["exp_avg"]], [state["exp_avg_sq"]], [state["beta1_prod"]]]
     before = [lst[0].clone() for lst in lists]
-    hyper = Adai._hyper(optimizer.param_groups[0])
+    hyper = GuardedAdai._hyper(optimizer.param_groups[0])
     _fused.inertia_update_fused(*lists, [2], torch.tensor(0.5), hyper, found_inf=torch.ones(()))
     assert all(torch.equal(lst[0], b) for lst, b in zip(lists, before))
     _fused.inertia_update_fused(*lists, [2], torch.tensor(0.5), hyper, found_inf=torch.zeros(()))

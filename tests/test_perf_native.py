@@ -17,7 +17,8 @@ def native_calls(monkeypatch):
     """Counts the buckets the native kernel stepped (pass 2 calls)."""
     calls = []
     update = _native.inertia_update_native
-    monkeypatch.setattr(_native, "inertia_update_native", lambda *args: calls.append(args[0][0].dtype) or update(*args))
+    monkeypatch.setattr(_native, "inertia_update_native",
+                        lambda *args, **kwargs: calls.append(args[0][0].dtype) or update(*args, **kwargs))
     return calls
 
 
@@ -75,7 +76,8 @@ def test_results_do_not_depend_on_the_thread_count():
 def test_nan_gradient_propagates_like_foreach():
     """A NaN in the gradient is not clipped away by the kernel's clamps: both paths give NaN alike."""
     params = [torch.ones(4, 3), torch.ones(4, 3)]
-    optimizers = [Adai([params[0]]), Adai([params[1]], foreach=True, fused=False)]
+    optimizers = [Adai([params[0]], skip_nonfinite=False), Adai([params[1]], foreach=True, fused=False,
+                                                                skip_nonfinite=False)]
     for param, optimizer in zip(params, optimizers):
         param.grad = torch.arange(12.0).view(4, 3)
         param.grad[1, 2] = float("nan")

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adai_lightning.optim._functional import AdaiHyper
+from adai_lightning.optim._functional import AdaiHyper, bias_correction
 from adai_lightning.optim import _fused
 from adai_lightning.optim._native import _shares_dense_layout
 
@@ -134,15 +134,40 @@ def _regular(lists: list[list[Tensor]], written: tuple[int, ...] = ()) -> tuple[
     return lists, pairs
 
 
-def _launch_tables(lists: list[list[Tensor]], steps: list[int]) -> tuple[Tensor, Tensor, int, tuple[int, ...]]:
-    """Device tables for these operand lists (cached), their chunk count, and the distinct step counts."""
-    distinct = sorted(set(steps))
-    rows = (0,) * len(steps) if len(distinct) == 1 else tuple(distinct.index(s) for s in steps)
-    numels = tuple(map(Tensor.numel, lists[0]))
+_last_device_scalars: list = [None, None]  # [key, scalars] of the last call: pass 2 reuses pass 1's
+
+
+def _device_scalars(hyper: AdaiHyper, steps: list[Tensor], device: torch.device) -> Tensor:
+    """The coefficients with one ``1 - beta2**step`` row per step tensor, formed on the device (6 small
+    ops); pass 2 reuses pass 1's: the key holds the step tensors and their version counters, which
+    every in-place change of a count advances."""
+    key = (hyper, device, tuple(map(id, steps)), tuple(step._version for step in steps))
+    if _last_device_scalars[0] != key:
+        bias = bias_correction(hyper.beta2, torch.stack(steps))
+        _last_device_scalars[:] = key, torch.cat([_scalars(hyper, (), device), bias])
+    return _last_device_scalars[1]
+
+
+def _launch_tables(lists: list[list[Tensor]], steps: list[int] | list[Tensor], hyper: AdaiHyper
+                   ) -> tuple[Tensor, Tensor, int, Tensor]:
+    """Device tables for these operand lists (cached), their chunk count, and the kernels' coefficients.
+
+    Int step counts: one bias-correction row per distinct count (formed on the host, cached). Step
+    tensors (a guarded step, ``skip_nonfinite``): one row per tensor, ``1 - beta2**step`` formed on
+    the device from the counts, which the host never reads.
+    """
     device = lists[0][0].device
+    if isinstance(steps[0], Tensor):
+        rows = tuple(range(len(steps)))
+        scalars = _device_scalars(hyper, steps, device)
+    else:
+        distinct = sorted(set(steps))
+        rows = (0,) * len(steps) if len(distinct) == 1 else tuple(distinct.index(s) for s in steps)
+        scalars = _scalars(hyper, tuple(distinct), device)
+    numels = tuple(map(Tensor.numel, lists[0]))
     table = _tensor_table(tuple(map(Tensor.data_ptr, chain.from_iterable(lists))), numels, rows, device)
     chunks, count = _chunk_table(numels, CHUNK, device)
-    return table, chunks, count, tuple(distinct)
+    return table, chunks, count, scalars
 
 
 def _launch(name: str, count: int, device: torch.device, *args: Any, **constexprs: Any) -> None:
@@ -166,10 +191,10 @@ def vhat_sum_multi_tensor(params: list[Tensor], grads: list[Tensor], exp_avg_sqs
     """
     del found_inf
     (grads, exp_avg_sqs, params), _ = _regular([grads, exp_avg_sqs, params])
-    table, chunks, count, distinct = _launch_tables([grads, exp_avg_sqs, params], steps)
+    table, chunks, count, scalars = _launch_tables([grads, exp_avg_sqs, params], steps, hyper)
     device = exp_avg_sqs[0].device
     partials = torch.empty(count, dtype=torch.float64, device=device)
-    _launch("vhat_sum_kernel", count, device, table, chunks, _scalars(hyper, distinct, device), partials,
+    _launch("vhat_sum_kernel", count, device, table, chunks, scalars, partials,
             **_types(params, grads, exp_avg_sqs[0]), USE_L2=hyper.l2 != 0.0)
     return partials.sum()
 
@@ -180,9 +205,9 @@ def inertia_update_multi_tensor(params: list[Tensor], grads: list[Tensor], exp_a
     """Pass 2: second moment, inertia, momentum and parameter update, in place; with ``found_inf``
     (0-dim float32 on the device, 1.0 = skip) nonzero, nothing changes."""
     operands, pairs = _regular([params, grads, exp_avgs, exp_avg_sqs, beta1_prods], written=(0, 2, 3, 4))
-    table, chunks, count, distinct = _launch_tables(operands, steps)
+    table, chunks, count, scalars = _launch_tables(operands, steps, hyper)
     device = exp_avgs[0].device
-    _launch("inertia_update_kernel", count, device, table, chunks, _scalars(hyper, distinct, device), vbar,
+    _launch("inertia_update_kernel", count, device, table, chunks, scalars, vbar,
             vbar if found_inf is None else found_inf, **_types(params, grads, exp_avgs[0]), USE_L2=hyper.l2 != 0.0,
             DAMPED=hyper.dampening != 1.0, HAS_FOUND_INF=found_inf is not None)
     for original, copy in pairs:  # never a gradient

@@ -137,10 +137,16 @@ def _library() -> ctypes.CDLL | str:
 
 def supports(params: list[Tensor], grads: list[Tensor], state_dtype: torch.dtype) -> bool:
     """Whether the kernel handles this bucket (one device and dtype): CPU, plain tensors, and
-    parameters, gradients and state all float32 or all float64."""
+    parameters, gradients and state all float32 or all float64.
+
+    Every gradient's dtype is checked (a bucket groups by the parameters' dtype; a parameter cast
+    through ``.data`` keeps its old gradient). The state is checked against each parameter by
+    ``Adai._check_operands`` (shape, dtype, device), before any path runs.
+    """
     param = params[0]
-    return (param.device.type == "cpu" and param.dtype in _SUFFIX and grads[0].dtype == param.dtype
-            and state_dtype == param.dtype and all(type(p) in (Tensor, torch.nn.Parameter) for p in params))
+    dtype = param.dtype
+    return (param.device.type == "cpu" and dtype in _SUFFIX and state_dtype == dtype
+            and all(g.dtype == dtype for g in grads) and all(type(p) in (Tensor, torch.nn.Parameter) for p in params))
 
 
 _warned: set[str] = set()

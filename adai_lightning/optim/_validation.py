@@ -87,6 +87,14 @@ def flag(name: str, value: Any) -> None:
         raise TypeError(f"Invalid {name}: {value!r} ({type(value).__name__}); it must be {allowed}")
 
 
+def count_or_none(name: str, value: Any) -> None:
+    """Refuse anything but ``None`` or an int of at least 1 for ``name``."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return
+    raise (ValueError if isinstance(value, int) and not isinstance(value, bool) else TypeError)(
+        f"Invalid {name}: {value!r}; it must be an int of at least 1, or None")
+
+
 def sharding(mode: Any) -> None:
     """Refuse a ``sharding`` that is not one of :data:`SHARDING_MODES`."""
     if not (isinstance(mode, str) and mode in SHARDING_MODES):
@@ -159,6 +167,18 @@ def parameters(params: Iterable[Tensor], eps: Any) -> None:
             f"{', '.join(sorted({str(p.dtype) for p in tensors}))}); it must be at least {floor:.3g} "
             f"(torch.finfo({coarsest}).eps): 1 - eps rounds to 1 below that and the update becomes NaN"
         )
+
+
+def loaded_state(saved: Mapping[str, Any] | None, param: Tensor, where: str) -> None:
+    """Refuse loaded state whose tensors (all but the step count) have another shape than ``param``
+    (``where`` names it)."""
+    for key, value in (saved or {}).items():
+        if key != "step" and isinstance(value, Tensor) and value.shape != param.shape:
+            raise ValueError(
+                f"Cannot load the Adai state of {where}: its {key!r} has shape {tuple(value.shape)} but the "
+                f"parameter has shape {tuple(param.shape)}; the state dict belongs to another model or to "
+                f"param groups in another order"
+            )
 
 
 def check_group(group: Mapping[str, Any], params: Iterable[Tensor]) -> None:

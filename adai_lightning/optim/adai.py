@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 
 from adai_lightning.optim import _functional as F
 from adai_lightning.optim import _fused, _multi_tensor, _native
-from adai_lightning.optim import _validation, distributed
+from adai_lightning.optim import _skips, _validation, distributed
 from adai_lightning.optim._validation import state_dtype
 
 _STATE_TENSORS = ("exp_avg", "exp_avg_sq", "beta1_prod")
@@ -58,17 +58,23 @@ class _GroupWork:
         """The pass-1 and pass-2 functions for one bucket: native (CPU), multi-tensor Triton (CUDA),
         compiled, foreach or single-tensor.
 
-        A guarded step runs the paths that take ``found_inf`` and step tensors (native, foreach,
-        single-tensor); the Triton and compiled kernels take Python int steps, so such a bucket runs foreach.
+        A guarded step runs the paths that take ``found_inf`` and step tensors (native, Triton, foreach,
+        single-tensor); the compiled kernels take Python int steps, so such a bucket runs foreach
+        (``fused=None``) or is refused (``fused=True``).
         """
         dtype = state_dtype(params[0])
         if self.fused is not False:
             if _native.use_native(params, grads, dtype):
                 return _native.vhat_sum_native, _native.inertia_update_native
-            if not self.guarded and _multi_tensor.use_multi_tensor(self.fused, params, grads, dtype, self.hyper):
+            if _multi_tensor.use_multi_tensor(self.fused, params, grads, dtype, self.hyper):
                 return _multi_tensor.vhat_sum_multi_tensor, _multi_tensor.inertia_update_multi_tensor
             if not self.guarded and _fused.use_fused(self.fused, params, grads, dtype, self.hyper):
                 return _fused.vhat_sum_fused, _fused.inertia_update_fused
+            if self.guarded and self.fused:
+                raise RuntimeError(
+                    f"Adai(fused=True) cannot run {params[0].dtype} parameters on {params[0].device.type} with "
+                    f"skip_nonfinite=True (the default): only the compiled kernels take them, and they cannot skip a "
+                    f"step on the device; pass skip_nonfinite=False to use them, or fused=None for the foreach path")
         if self.foreach:
             return F.second_moment_foreach, F.inertia_update_foreach
         return F.second_moment_single_tensor, F.inertia_update_single_tensor
@@ -146,8 +152,17 @@ class Adai(Optimizer):
             ``copy.deepcopy`` shares it; pickling an optimizer that holds one raises ``TypeError``.
         skip_nonfinite: when a gradient holds a NaN or an infinity, change nothing in this step
             (parameters, state, step counts) and add 1 to :attr:`skipped_steps`; decided on the
-            device, without host synchronisation (like fused Adam's ``found_inf``). Off by default,
-            and then one non-finite gradient makes ``vbar`` and every parameter non-finite, visibly.
+            device, without host synchronisation (like fused Adam's ``found_inf``). On by default:
+            ``vbar`` is one mean over the whole model, so without it one NaN element makes every
+            parameter NaN in one step, and one inf pins every beta1 at ``1 - eps`` for good. The
+            first skip warns (``RuntimeWarning``, once per optimizer). ``False`` turns it off.
+        max_consecutive_skips: raise ``RuntimeError`` once this many steps in a row were skipped
+            (a run whose every step has a non-finite gradient is broken: without the error it would
+            silently train nothing); ``None`` never raises. The counters are read on the host
+            without synchronisation (:mod:`adai_lightning.optim._skips`): on CPU right after each
+            step, so the warning and the error come from the step that skipped; on CUDA from a
+            later step, once the asynchronous copy of the counters has arrived (usually the next
+            step), so the error may come a step or more after the limit was reached.
 
     State per parameter (keys as in the authors' reference implementation, whose checkpoints load):
     ``step`` (int; with ``skip_nonfinite`` a float32 0-dim tensor on the parameter's device, as in
@@ -178,7 +193,8 @@ class Adai(Optimizer):
         fused: bool | None = None,
         sharding: str = "auto",
         process_group: Any = None,
-        skip_nonfinite: bool = False,
+        skip_nonfinite: bool = True,
+        max_consecutive_skips: int | None = 100,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -195,6 +211,7 @@ class Adai(Optimizer):
         _validation.sharding(sharding)
         _validation.process_group(process_group)
         _validation.flag("skip_nonfinite", skip_nonfinite)
+        _validation.count_or_none("max_consecutive_skips", max_consecutive_skips)
         defaults["betas"] = tuple(betas)
         # Attributes, not defaults: a process group must not end up in the state dict's param_groups.
         self.sharding = sharding
@@ -202,6 +219,10 @@ class Adai(Optimizer):
         self.skip_nonfinite = skip_nonfinite
         #: Steps skipped for a non-finite gradient (float32 0-dim, on the parameters' device once stepped).
         self.skipped_steps = torch.zeros(())
+        #: The current run of consecutive skipped steps (like :attr:`skipped_steps`; 0 after an applied step).
+        self.consecutive_skips = torch.zeros(())
+        self.max_consecutive_skips = max_consecutive_skips
+        self._skip_watch = _skips.SkipWatch(max_consecutive_skips)
         self.last_vbar: Tensor | None = None
         self._checked_betas: list[tuple | None] = []  # per group: the betas last validated
         super().__init__(params, defaults)
@@ -247,10 +268,11 @@ class Adai(Optimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         """torch's optimizer state plus how ``vbar`` is formed (``sharding``, ``process_group``), the last
-        vbar and the non-finite guard (``skip_nonfinite``, ``skipped_steps``)."""
+        vbar and the non-finite guard (``skip_nonfinite``, its counters and limit)."""
         return {**super().__getstate__(), "sharding": self.sharding, "process_group": self.process_group,
                 "last_vbar": self.last_vbar, "skip_nonfinite": self.skip_nonfinite,
-                "skipped_steps": self.skipped_steps}
+                "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
+                "max_consecutive_skips": self.max_consecutive_skips}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -259,6 +281,9 @@ class Adai(Optimizer):
         self.__dict__.setdefault("process_group", None)
         self.__dict__.setdefault("skip_nonfinite", False)
         self.__dict__.setdefault("skipped_steps", torch.zeros(()))
+        self.__dict__.setdefault("consecutive_skips", torch.zeros(()))
+        self.__dict__.setdefault("max_consecutive_skips", None)
+        self._skip_watch = _skips.SkipWatch(self.max_consecutive_skips)
         self.__dict__.setdefault("_checked_betas", [])
         if "_betas_watch" not in self.__dict__:  # unpickled or copied: torch dropped every hook
             self._watch_betas()
@@ -299,13 +324,19 @@ class Adai(Optimizer):
         torch casts floating state to each parameter's dtype (bfloat16 state would lose Adai's float32
         precision). Adai re-reads it at full precision from the dict the load-state-dict pre-hooks
         returned (not the argument), before any post-hook runs: both kinds of hooks work as for torch's
-        optimizers. The loaded hyperparameters are checked before anything changes.
+        optimizers. The loaded hyperparameters, and the shape of every loaded state tensor against its
+        parameter (a state dict of another model, or of param groups in another order), are checked
+        before anything changes.
         """
         loaded: dict[str, Any] = {}
 
         def capture(optimizer: Adai, final: dict[str, Any]) -> None:  # runs after every other pre-hook
-            for saved, group in zip(final["param_groups"], self.param_groups):
+            for index, (saved, group) in enumerate(zip(final["param_groups"], self.param_groups)):
                 _validation.check_group({**self.defaults, **saved}, group["params"])
+                if len(saved["params"]) == len(group["params"]):  # else torch's ValueError follows
+                    for position, (saved_id, param) in enumerate(zip(saved["params"], group["params"])):
+                        _validation.loaded_state(final["state"].get(saved_id), param,
+                                                 f"parameter {position} of param group {index}")
             loaded["state_dict"] = final
 
         def restore(optimizer: Adai) -> None:  # runs before every other post-hook
@@ -324,6 +355,7 @@ class Adai(Optimizer):
         and ``skipped_steps``."""
         skipped = torch.as_tensor(state_dict.get("skipped_steps", 0.0), dtype=torch.float32)
         self.skipped_steps = skipped.to(self.skipped_steps.device, copy=True)
+        self.consecutive_skips = torch.zeros_like(self.skipped_steps)  # a run of skips is counted afresh
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         for saved_id, param in zip(saved_ids, params):
@@ -379,6 +411,43 @@ class Adai(Optimizer):
         fused = group["fused"] if foreach or group["fused"] else False
         return _GroupWork(self._hyper(group), members, params, [local(param.grad) for param in members],
                           foreach, fused, self.skip_nonfinite)
+
+    def _check_operands(self, works: list[_GroupWork]) -> None:
+        """Refuse a gradient or state tensor that does not fit its parameter, before anything changes.
+
+        The native and Triton kernels read every operand through raw pointers for the parameter's
+        element count, in the state's dtype: a state tensor of another shape (loaded from another model,
+        or param groups in another order) or dtype (the parameter moved by ``model.double()`` after
+        its state was created), or on another device, would make them read or write out of bounds.
+        Raised here on every path, as the ``RuntimeError`` torch.optim's optimizers raise, naming the
+        parameter. Host-side metadata comparisons only (no device synchronisation).
+        """
+        states = self.state
+        for work in works:
+            for member, param, grad in zip(work.members, work.params, work.grads):
+                if grad.shape != param.shape or grad.device != param.device:  # local parts, for a DTensor
+                    self._refuse(member, "its gradient", grad, param)
+                state = states.get(member)
+                if not state:  # created in the right layout by _count_steps
+                    continue
+                shape, device, dtype = member.shape, member.device, state_dtype(member)
+                for key in _STATE_TENSORS:
+                    tensor = state[key]
+                    if tensor.shape != shape or tensor.dtype is not dtype or tensor.device != device:
+                        self._refuse(member, f"its state {key!r}", tensor, member)
+
+    def _refuse(self, member: Tensor, what: str, tensor: Tensor, reference: Tensor) -> None:
+        """Raise the error for ``tensor`` (``what`` of parameter ``member``) not fitting ``reference``
+        (the parameter, or its local part)."""
+        where = next((f"parameter {i} of param group {g}" for g, group in enumerate(self.param_groups)
+                      for i, candidate in enumerate(group["params"]) if candidate is member), "a parameter")
+        dtype = reference.dtype if what == "its gradient" else state_dtype(reference)
+        raise RuntimeError(
+            f"Adai cannot step {where}: {what} is {tuple(tensor.shape)} {tensor.dtype} on {tensor.device}, but "
+            f"the parameter needs {tuple(reference.shape)} {dtype} on {reference.device}; was the parameter cast or "
+            f"moved after its state was created (e.g. model.double()), or the state loaded from another model or "
+            f"param-group order? Create the optimizer anew, or load a state dict that matches"
+        )
 
     def _count_steps(self, works: list[_GroupWork]) -> dict[torch.device, list[Tensor]]:
         """Create the state of first-time parameters and add 1 to every step count.
@@ -436,6 +505,7 @@ class Adai(Optimizer):
         # Every check that can refuse the step (sparse gradients, a path that cannot run) comes before
         # the first change, so a refused step leaves the optimizer as it was.
         works = [work for work in map(self._gather, self.param_groups) if work.params]
+        self._check_operands(works)
         reduce = self._reduces()
         if not works:  # still join the other ranks' reductions (verdict, vbar), if there are any
             anchor = self.param_groups[0]["params"][0]
@@ -479,6 +549,8 @@ class Adai(Optimizer):
                    **guard(device))
         for device, steps in counters.items():  # a skipped step takes back its count
             torch._foreach_add_(steps, found_inf.to(device, non_blocking=True), alpha=-1.0)
+        if self.skip_nonfinite and not torch.compiler.is_compiling():  # a compiled step only counts
+            self._skip_watch.after_step(self.skipped_steps, self.consecutive_skips)
         return loss
 
     def _guard_vbar(self, vbar: Tensor, found_inf: Tensor) -> Tensor:
@@ -489,6 +561,8 @@ class Adai(Optimizer):
         self.last_vbar = torch.where(skip, previous.to(device=vbar.device, dtype=vbar.dtype), vbar)
         self.skipped_steps = self.skipped_steps.to(found_inf.device, non_blocking=True)
         self.skipped_steps.add_(found_inf)
+        self.consecutive_skips = self.consecutive_skips.to(found_inf.device, non_blocking=True)
+        self.consecutive_skips.add_(found_inf).mul_(found_inf)  # +1 when skipped, else back to 0
         return torch.where(skip, torch.ones_like(vbar), vbar)
 
     @torch.no_grad()
@@ -537,9 +611,10 @@ class AdaiW(Adai):
         fused: bool | None = None,
         sharding: str = "auto",
         process_group: Any = None,
-        skip_nonfinite: bool = False,
+        skip_nonfinite: bool = True,
+        max_consecutive_skips: int | None = 100,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, decoupled, dampening, maximize, foreach, fused, sharding, process_group,
-            skip_nonfinite,
+            skip_nonfinite, max_consecutive_skips,
         )

@@ -154,8 +154,9 @@ class _CountingKernel:
         return launch
 
 
-def launches_per_step(tensors: int, warm: bool) -> dict[str, object]:
-    """Kernel launches and torch operations of one whole ``Adai.step()`` on the multi-tensor path.
+def launches_per_step(tensors: int, warm: bool, skip_nonfinite: bool = False) -> dict[str, object]:
+    """Kernel launches and torch operations of one whole ``Adai.step()`` on the multi-tensor path
+    (``skip_nonfinite``: with the default non-finite guard, step counts on the device).
 
     The state is created by a first step on the foreach path (the interpreter is slow). ``warm``:
     a second multi-tensor step with the gradients in the same memory (as autograd's caching
@@ -164,7 +165,7 @@ def launches_per_step(tensors: int, warm: bool) -> dict[str, object]:
     """
     torch.manual_seed(7)
     params = list(_model(tensors).parameters())
-    optimizer = Adai(params, fused=False)
+    optimizer = Adai(params, fused=False, skip_nonfinite=skip_nonfinite)
     launches: list[str] = []
     mode = _CountOps()
     originals = kernels.vhat_sum_kernel, kernels.inertia_update_kernel
@@ -192,9 +193,12 @@ def launches_per_step(tensors: int, warm: bool) -> dict[str, object]:
 
 
 def launch_counts() -> dict[str, list[dict[str, object]]]:
-    """:func:`launches_per_step` for 20 and 160 tensors, cold and warm, after one step that checks the kernels."""
+    """:func:`launches_per_step` for 20 and 160 tensors, cold and warm, and warm with the default non-finite
+    guard, after one step that checks the kernels."""
     launches_per_step(2, warm=False)
-    return {kind: [launches_per_step(n, warm=kind == "warm") for n in (20, 160)] for kind in ("cold", "warm")}
+    counts = {kind: [launches_per_step(n, warm=kind == "warm") for n in (20, 160)] for kind in ("cold", "warm")}
+    counts["guarded"] = [launches_per_step(n, warm=True, skip_nonfinite=True) for n in (20, 160)]
+    return counts
 
 
 CHECKS = dict(
