@@ -23,8 +23,9 @@ Then the candidate predictions, pooled over runs with and without BatchNorm:
 - period-2: the rate of mode sign flips at points with ratio > 1 against ratio <= 1;
 - catapult-then-settle: a run whose ratio exceeds 1 and later falls below 1 while its loss ends below
   ``--converged`` (not at chance); how many did, and whether lambda_max or the step size fell;
-- divergence: runs whose last 10 losses average above ``--diverged`` (chance is ln 10 = 2.30) or are
-  not finite, against the largest ratio measured in their first 5 steps.
+- divergence: runs whose loss rose above 1.05 x its start (chance, ln 10 = 2.30) and whose last 10
+  losses average at least ``--diverged`` x the start (or are not finite), against the ratio measured
+  in their first 5 steps and the step the loss first rose.
 
 Prints one line per run, the pooled tables, and writes every point to ``--out`` (JSON).
 """
@@ -146,7 +147,8 @@ def spikes(losses: list[float]) -> list[int]:
 def summarise(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     points, losses = run["points"], run["losses"]
     tail = losses[-10:]
-    diverged = not all(map(math.isfinite, tail)) or sum(tail) / len(tail) > args.diverged
+    rose = next((i + 1 for i, loss in enumerate(losses) if not loss <= 1.05 * losses[0]), None)
+    diverged = not all(map(math.isfinite, tail)) or (rose is not None and sum(tail) / len(tail) >= args.diverged * losses[0])
     above = [p for p in points if p["sharpness/stability_ratio"] > 1]
     first_above = above[0]["step"] if above else None
     settled = None
@@ -154,7 +156,7 @@ def summarise(run: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
         later = [p for p in points if p["step"] > first_above and p["sharpness/stability_ratio"] <= 1]
         settled = later[0]["step"] if later else None
     early = [p["sharpness/stability_ratio"] for p in points if p["step"] <= 5]
-    return {"diverged": diverged, "final_loss": sum(tail) / len(tail), "first_above": first_above,
+    return {"diverged": diverged, "rose": rose, "final_loss": sum(tail) / len(tail), "first_above": first_above,
             "settled": settled, "early_max": max(early, default=math.nan), "spikes": spikes(losses),
             "max_ratio": max((p["sharpness/stability_ratio"] for p in points), default=math.nan)}
 
@@ -232,7 +234,7 @@ def run_line(run: dict[str, Any]) -> str:
             f"{get(last, 'sharpness/stability_ratio'):7.3g} | lambda_max {get(first, 'sharpness/lambda_max'):7.3g} -> "
             f"{get(last, 'sharpness/lambda_max'):7.3g} | |w| {get(first, 'sharpness/weight_norm'):6.3g} -> "
             f"{get(last, 'sharpness/weight_norm'):6.3g} | lambda_max |w|^2 {scale_free(first):7.3g} -> "
-            f"{scale_free(last):7.3g} | spikes {len(s['spikes'])} first>1 {s['first_above']} "
+            f"{scale_free(last):7.3g} | rose {s['rose']} | spikes {len(s['spikes'])} first>1 {s['first_above']} "
             f"settled {s['settled']} | {run['seconds']:.0f} s")
 
 
@@ -259,7 +261,8 @@ def main() -> None:
     parser.add_argument("--horizon", type=int, default=10)
     parser.add_argument("--mode-share", type=float, default=0.1)
     parser.add_argument("--converged", type=float, default=0.5)
-    parser.add_argument("--diverged", type=float, default=2.0)
+    parser.add_argument("--diverged", type=float, default=0.95,
+                        help="diverged: the loss rose above its start, and its last 10 average >= this x its start")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("stability_study.json"))
     parser.add_argument("--workdir", type=Path, default=Path("runs/stability_study"))
