@@ -26,9 +26,13 @@ class HessianSharpness(ProbedCallback):
     first measurement is planned from an estimate of its cost, so a fit too short to pay for one
     measures nothing and warns; see :class:`~adai_lightning.callbacks._cadence.CadencedCallback`).
     An explicit ``every_n_train_steps`` or ``every_n_epochs`` runs at every such point and
-    ``max_overhead`` is then not used.
+    ``max_overhead`` is then not used. ``dense_first_steps=N`` also measures at every optimizer step
+    1..N, whatever the cadence: a run that diverges does so in its first steps, before a sparse
+    cadence's first point (and under a budget those points count against ``max_overhead`` too).
 
     Keys: ``sharpness/lambda_max``, ``sharpness/lambda_2`` .. ``sharpness/lambda_<top_k>``,
+    ``sharpness/weight_norm`` (the L2 norm of all probed parameters: beside ``lambda_max`` it tells a
+    flatter region from grown BatchNorm-scaled weights, whose Hessian shrinks as their norm grows),
     ``sharpness/stability_ratio`` (1.0 = the first optimizer's edge of stability on the local
     quadratic: ``lambda_max(S H S) / 2`` with the step sizes and inertia of its last step, see
     :mod:`adai_lightning.curvature.stability`; gradient descent: ``lr lambda_max / 2``; Adai with its
@@ -64,9 +68,11 @@ class HessianSharpness(ProbedCallback):
                  lanczos_iters: int | None = None,
                  power_iters: int = 100, dataloader: Any = None, loss_fn: LossFn | None = None,
                  train_mode: bool = True, on_error: str = "warn", seed: int = 0,
-                 keep_graphs: bool | None = None, probe_batch_size: int | None = None) -> None:
+                 keep_graphs: bool | None = None, probe_batch_size: int | None = None,
+                 dense_first_steps: int = 0) -> None:
         super().__init__(every_n_train_steps, every_n_epochs, max_overhead, num_samples, dataloader, loss_fn,
                          train_mode, on_error, seed, keep_graphs, probe_batch_size)
+        check_int("dense_first_steps", dense_first_steps, 0)
         check_int("top_k", top_k, 1)
         check_choice("method", method, ("lanczos", "power"))
         check_int("trace_samples", trace_samples, 0)
@@ -82,6 +88,7 @@ class HessianSharpness(ProbedCallback):
         self.trace_method = trace_method
         self.lanczos_iters = lanczos_iters
         self.power_iters = power_iters
+        self.dense_first_steps = dense_first_steps
         self._step_lrs: list[Any] | None = None  # the learning rates of the last optimizer step
         self._scaled_ratio = True  # whether the stability ratio needs its own Lanczos run (not plain SGD)
 
@@ -92,6 +99,10 @@ class HessianSharpness(ProbedCallback):
         eigen = (default_lanczos_iters(self.top_k) if self.lanczos_iters is None else self.lanczos_iters) \
             if self.method == "lanczos" else self.top_k * self.power_iters
         return eigen + self.trace_samples + (self._ratio_iters() if self._scaled_ratio else 0)
+
+    def step_is_due(self, trainer: pl.Trainer, step: int) -> bool:
+        """Every step up to ``dense_first_steps`` (the same on every rank: no collective), then the cadence."""
+        return step <= self.dense_first_steps or super().step_is_due(trainer, step)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizers = getattr(trainer, "optimizers", None) or []  # absent on a bare strategy-level trainer
@@ -122,7 +133,8 @@ class HessianSharpness(ProbedCallback):
         else:
             pairs = power_top_k(operator, operator.dim, self.top_k, generator, like, self.power_iters)
         values = pairs.values.tolist()
-        metrics = {"sharpness/lambda_max": values[0]}
+        metrics = {"sharpness/lambda_max": values[0],
+                   "sharpness/weight_norm": float(torch.stack([p.detach().norm() for p in operator.params]).norm())}
         metrics.update({f"sharpness/lambda_{i}": value for i, value in enumerate(values[1:], start=2)})
         if self.trace_samples:
             trace = TRACE_ESTIMATORS[self.trace_method](operator, operator.dim, self.trace_samples, generator, like)
