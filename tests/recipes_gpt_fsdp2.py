@@ -6,8 +6,8 @@ Usage: ``python recipes_gpt_fsdp2.py CONFIG OUT_DIR {fsdp2,single}``.
 ``fully_shard`` in ``GPTLanguageModel.configure_model``), with InertiaMonitor as the only monitoring
 callback. ``single``: one process with twice the per-process batch, so that every step sees the
 same global batch (rank r of 2 takes every other window of the epoch's permutation). Each process
-writes ``OUT_DIR/<mode>_rank<r>.json``: its loss at every step, whether every parameter is a DTensor
-when training ends, and whether the optimizer holds exactly the module's parameters.
+writes ``OUT_DIR/<mode>_rank<r>.json``: its loss at every step and, after every step, whether every
+parameter is a DTensor and whether the optimizer holds exactly the module's parameters.
 """
 
 from __future__ import annotations
@@ -26,24 +26,25 @@ FSDP2 = ('{"class_path": "lightning.pytorch.strategies.ModelParallelStrategy", '
 
 
 class StepRecorder(pl.Callback):
-    """Records this rank's training loss of every step, and the parameters' type at the end."""
+    """Records this rank's loss at every step and, after each optimizer step, whether every parameter of
+    the module is a DTensor and the optimizer holds exactly those tensors (an evaluation forward leaves
+    the root unit unsharded until the next backward, so the end of training is not the moment to look)."""
 
     def __init__(self, out_dir: str, name: str) -> None:
-        self.out_dir, self.name, self.losses = Path(out_dir), name, []
+        self.out_dir, self.name = Path(out_dir), name
+        self.losses, self.all_dtensor, self.optimizer_holds_module_params = [], [], []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.losses.append(float(outputs["loss"]))
-
-    def on_train_end(self, trainer, pl_module) -> None:
         from torch.distributed.tensor import DTensor
 
         params = list(pl_module.parameters())
         held = [p for group in trainer.optimizers[0].param_groups for p in group["params"]]
-        (self.out_dir / f"{self.name}_rank{trainer.global_rank}.json").write_text(json.dumps({
-            "losses": self.losses,
-            "all_dtensor": all(isinstance(p, DTensor) for p in params),
-            "optimizer_holds_module_params": {id(p) for p in held} == {id(p) for p in params},
-        }))
+        self.losses.append(float(outputs["loss"]))
+        self.all_dtensor.append(all(isinstance(p, DTensor) for p in params))
+        self.optimizer_holds_module_params.append({id(p) for p in held} == {id(p) for p in params})
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        (self.out_dir / f"{self.name}_rank{trainer.global_rank}.json").write_text(json.dumps(vars(self), default=str))
 
 
 if __name__ == "__main__":
