@@ -77,7 +77,7 @@ def _run_cli(command: list[str], log) -> None:
 
 #: The verdict table's columns: a label and the logged keys that give it (the first one logged).
 FINALS = (("final train loss", ("train/loss_epoch", "train/loss_step", "train/loss")), ("test acc", ("test/acc",)),
-          ("test loss", ("test/loss",)), ("lambda_max", ("sharpness/lambda_max",)), ("trace", ("sharpness/trace",)),
+          ("test loss", ("test/loss",)), ("test ppl", ("test/ppl",)), ("lambda_max", ("sharpness/lambda_max",)), ("trace", ("sharpness/trace",)),
           ("stability ratio", ("sharpness/stability_ratio",)))
 Finals = dict[str, float | None]
 

@@ -2,5 +2,7 @@
 
 from adai_lightning.recipes.classifier import ImageClassifier, SmallConvNet
 from adai_lightning.recipes.digits import DigitsDataModule
+from adai_lightning.recipes.gpt import GPTLanguageModel
+from adai_lightning.recipes.text_data import StdlibTextDataModule
 
-__all__ = ["DigitsDataModule", "ImageClassifier", "SmallConvNet"]
+__all__ = ["DigitsDataModule", "GPTLanguageModel", "ImageClassifier", "SmallConvNet", "StdlibTextDataModule"]
