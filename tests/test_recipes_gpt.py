@@ -24,11 +24,11 @@ HERE = Path(__file__).parent
 MONITORS = ("adai_lightning.callbacks.InertiaMonitor", "adai_lightning.callbacks.HessianSharpness",
             "adai_lightning.callbacks.SaddleEscapeMonitor")
 #: The recipe shrunk to seconds: a 2-block width-32 model, windows of 16 bytes from the first 10
-#: stdlib files, 8 steps, every monitor's cadence within them, the CSV logger only.
+#: stdlib files, 8 steps at Adai lr 0.3, every monitor's cadence within them, the CSV logger only.
 TINY = {"model.init_args.d_model": 32, "model.init_args.n_layers": 2, "model.init_args.n_heads": 2,
         "data.init_args.block_size": 16, "data.init_args.batch_size": 8, "data.init_args.max_files": 10,
         "data.init_args.max_eval_windows": 16, "trainer.max_epochs": 2, "trainer.limit_train_batches": 4,
-        "trainer.log_every_n_steps": 1}
+        "trainer.log_every_n_steps": 1, "optimizer.init_args.lr": 0.3}
 CADENCE = {"adai_lightning.callbacks.InertiaMonitor": {"every_n_train_steps": 2},
            "adai_lightning.callbacks.HessianSharpness": {"every_n_train_steps": 4, "num_samples": 8},
            "adai_lightning.callbacks.SaddleEscapeMonitor": {"every_n_train_steps": 2, "num_samples": 8}}
