@@ -14,10 +14,11 @@
   compute groups) stay shared;
 - the global RNGs (torch CPU and CUDA, Python's ``random``, NumPy's) are restored;
 - every module's train/eval flag and every buffer (BatchNorm running statistics) are restored;
-- ``scaled_dot_product_attention`` runs its math backend (the fused kernels have no double
-  backward), and ``torch.compile``'d code runs eagerly (compiled modules run their ``_orig_mod``,
-  and ``torch.compiler.set_stance("force_eager")`` where available; aot_autograd has no double
-  backward).
+- with ``twice_differentiable=True`` (exact Hessian-vector products), ``scaled_dot_product_attention``
+  runs its math backend (the fused kernels have no double backward), and ``torch.compile``'d code
+  runs eagerly (compiled modules run their ``_orig_mod``, and ``torch.compiler.set_stance("force_eager")``
+  where available; aot_autograd has no double backward); with False (finite-difference products),
+  the model runs its kernels and compiled code as in training.
 
 :func:`step_loss` calls ``training_step`` with the arguments its signature takes, as Lightning does.
 """
@@ -195,9 +196,10 @@ def _twice_differentiable(module: torch.nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def isolated(module: torch.nn.Module, train_mode: bool, recorder: StepRecorder) -> Iterator[None]:
+def isolated(module: torch.nn.Module, train_mode: bool, recorder: StepRecorder,
+             twice_differentiable: bool = True) -> Iterator[None]:
     """The probe's isolation context (see the module docstring); ``train_mode=False`` puts modules in eval mode,
-    ``True`` leaves them as training runs them."""
+    ``True`` leaves them as training runs them; ``twice_differentiable`` forces math SDPA and eager code."""
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     devices = [device] if device.type == "cuda" else []
     with contextlib.ExitStack() as stack:
@@ -206,7 +208,8 @@ def isolated(module: torch.nn.Module, train_mode: bool, recorder: StepRecorder) 
         stack.enter_context(_modes_and_buffers_kept(module))
         stack.enter_context(_metrics_kept(module))
         stack.enter_context(_shadowed(module, _module_shadows(module, recorder)))
-        stack.enter_context(_twice_differentiable(module))
+        if twice_differentiable:
+            stack.enter_context(_twice_differentiable(module))
         stack.enter_context(torch.enable_grad())
         if not train_mode:
             module.eval()
