@@ -23,6 +23,7 @@ def run_script(script, *args, timeout):
     assert completed.returncode == 0, completed.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_vector_operations_on_uneven_and_replicated_shards_equal_the_full_tensors(tmp_path):
     run_script(SCRIPTS / "curvature_dtensor_vectors.py", tmp_path, timeout=120)
     result = torch.load(tmp_path / "result.pt")

@@ -294,8 +294,8 @@ class HessianOperator:
             product = self._finite_difference(tangent)
             cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             warnings.warn(f"Hessian-vector products by finite differences of gradients (hvp='auto'): the exact "
-                          f"double backward failed ({cause}). Pass hvp='finite_difference' to choose this "
-                          "without the failed attempt, or make the loss twice differentiable for exact products",
+                          f"double backward failed ({cause}); hvp='finite_difference' chooses this without the "
+                          "failed attempt",
                           RuntimeWarning, stacklevel=3)
             self.hvp = "finite_difference"
             return product

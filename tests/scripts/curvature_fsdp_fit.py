@@ -55,8 +55,11 @@ class Net(pl.LightningModule):
             fully_shard(self.body, mesh=self.device_mesh["data_parallel"])
             fully_shard(self, mesh=self.device_mesh["data_parallel"])
 
+    def forward(self, inputs):  # FSDP2 gathers the root's own parameters in its forward hook
+        return self.head(self.body(inputs))
+
     def training_step(self, batch, batch_idx):
-        return nn.functional.cross_entropy(self.head(self.body(batch[0])), batch[1])
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=0.05)
@@ -74,7 +77,7 @@ class Recorder(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         optimizer = trainer.optimizers[0]
-        state = [{key: full(value) if torch.is_tensor(value) and value.dim() else value
+        state = [{key: full(value) if torch.is_tensor(value) else value  # a copy: Adam's step counts in place
                   for key, value in optimizer.state[p].items()} for p in pl_module.parameters()]
         self.steps[trainer.global_step] = {"params": [full(p) for p in pl_module.parameters()], "adam": state,
                                            "lrs": [g["lr"] for g in optimizer.param_groups]}
