@@ -191,7 +191,9 @@ def test_without_double_backward_auto_measures_by_finite_differences(tmp_path):
                                          ({"keep_graphs": "yes"}, "keep_graphs"), ({"train_mode": 1}, "train_mode"),
                                          ({"trace_samples": -1}, "trace_samples"),
                                          ({"trace_method": "exact"}, "trace_method"),
-                                         ({"trace_method": "hutch++", "trace_samples": 2}, "trace_samples")])
+                                         ({"trace_method": "hutch++", "trace_samples": 2}, "trace_samples"),
+                                         ({"hvp": "symbolic"}, "hvp"), ({"tol": 2.0}, "tol"),
+                                         ({"warm_start": 1}, "warm_start"), ({"host_basis": "yes"}, "host_basis")])
 def test_hessian_sharpness_validates_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
         HessianSharpness(**kwargs)

@@ -1,26 +1,13 @@
 """Curvature on FSDP2 shards (DTensor) with real gloo processes."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.test_curvature_ddp import DDP_VARIABLES, free_port
+from tests.test_curvature_ddp import run_ddp_script as run_script
 
 SCRIPTS = Path(__file__).parent / "scripts"
-
-
-def run_script(script, *args, timeout):
-    env = {k: v for k, v in os.environ.items() if k not in DDP_VARIABLES}
-    env["MASTER_PORT"] = str(free_port())
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
-    completed = subprocess.run([sys.executable, str(script), *map(str, args)], env=env, timeout=timeout,
-                               capture_output=True, text=True)
-    assert completed.returncode == 0, completed.stderr[-3000:]
 
 
 @pytest.mark.slow
