@@ -35,7 +35,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from adai_lightning.curvature import HessianOperator
+from adai_lightning.curvature import HessianOperator, flatten, unflatten
 from adai_lightning.recipes import SmallConvNet
 
 LANCZOS_PRODUCTS = 20
@@ -68,7 +68,7 @@ def timings(name: str, batch: int, mode: str, rounds: int, device: str = "cpu") 
     params = [p for p in model.parameters() if p.requires_grad]
     fresh = HessianOperator(params, loss_fn, [data], reuse_graph=False)
     reused = HessianOperator(params, loss_fn, [data], reuse_graph=True)
-    vector = torch.randn(fresh.dim, generator=torch.Generator().manual_seed(1)).to(device)
+    vector = unflatten(torch.randn(fresh.dim, generator=torch.Generator().manual_seed(1)).to(device), params)
 
     def first() -> float:
         reused.release()
@@ -93,7 +93,7 @@ def timings(name: str, batch: int, mode: str, rounds: int, device: str = "cpu") 
         "first HVP": first,
         "reused HVP": timed(lambda: reused(vector)),
     }
-    expected, actual = fresh(vector), reused(vector)  # warm-up, and the agreement check
+    expected, actual = flatten(fresh(vector)), flatten(reused(vector))  # warm-up, and the agreement check
     for run in runs.values():
         run()
     samples: dict[str, list[float]] = {label: [] for label in runs}

@@ -49,9 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's adai_lightning, not an installed one
 
 from adai_lightning.callbacks import HessianSharpness  # noqa: E402
-from adai_lightning.curvature import lanczos_extremes  # noqa: E402
-from adai_lightning.curvature.hvp import flatten  # noqa: E402
-from adai_lightning.curvature.stability import linearised_step  # noqa: E402
+from adai_lightning.curvature.stability import linearised_step, stability_ratio  # noqa: E402
+from adai_lightning.curvature.vectors import flatten  # noqa: E402
 
 RECIPES = ROOT / "recipes"
 OPTIMIZERS = ("Adai", "SGD", "Adam")
@@ -89,21 +88,16 @@ class StudySharpness(HessianSharpness):
         metrics = super()._measure(trainer, operator)
         optimizer = trainer.optimizers[0]
         step = linearised_step(optimizer, operator.params, [float(lr) for lr in self._step_lrs])
-        root = step.scale.clamp(min=0).sqrt()
-
-        def scaled(vector: torch.Tensor) -> torch.Tensor:
-            inner = root * vector
-            return root * (operator(inner) + step.decay * inner)
-
-        pair = lanczos_extremes(scaled, root.numel(), 1, "largest", self.probe.generator(), root, self._ratio_iters())
-        mode = pair.vectors[0]
+        pair = stability_ratio(operator, step, self.probe.generator(), operator.params, self._ratio_iters())
+        root = flatten(step.scale).clamp(min=0).sqrt()
+        mode = flatten(pair.vectors[0])
         inverse = torch.where(root > 0, 1 / root.clamp(min=1e-30), torch.zeros_like(root))
         along = [float(mode @ (inverse * u)) for u in self._updates]
         shares = [abs(a) / max(float((inverse * u).norm()), 1e-30) for a, u in zip(along, self._updates)]
-        self.points.append({"step": trainer.global_step, "loss": self.losses[-1], "mode_ratio": float(pair.values[0]) / 2,
+        self.points.append({"step": trainer.global_step, "loss": self.losses[-1], "mode_ratio": float(pair.values[0]),
                             "along": along[-1], "along_before": along[0] if len(along) == 2 else math.nan,
                             "share": shares[-1], "share_before": shares[0] if len(shares) == 2 else math.nan,
-                            "step_scale_mean": float(step.scale.mean()), **metrics})
+                            "step_scale_mean": float(flatten(step.scale).mean()), **metrics})
         return metrics
 
 

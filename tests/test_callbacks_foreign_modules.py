@@ -343,25 +343,46 @@ def test_scaled_dot_product_attention_runs_on_the_math_backend(tmp_path):
     """Before: "derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented"."""
     q = torch.randn(4, 2, 2, 3, requires_grad=True)
     (grad,) = torch.autograd.grad(F.scaled_dot_product_attention(q, q, q).square().sum(), q, create_graph=True)
-    with pytest.raises(RuntimeError, match="not implemented"):  # what the probe avoids: the default kernel
+    with pytest.raises(RuntimeError, match="not implemented"):  # what exact products avoid: the default kernel
         torch.autograd.grad(grad.sum(), q)
-    check(TinyAttention, lambda: DataLoader(dataset(), batch_size=8, shuffle=True), tmp_path)
+    check(TinyAttention, lambda: DataLoader(dataset(), batch_size=8, shuffle=True), tmp_path, hvp="exact")
+
+
+@pytest.mark.parametrize("make_module", [TinyAttention, compiled_classifier("aot_eager")], ids=["sdpa", "compiled"])
+def test_kernels_without_double_backward_run_as_they_are_by_finite_differences(make_module, tmp_path):
+    """``hvp="auto"`` (default): the fused SDPA kernel / compiled code has no double backward, so each
+    Hessian callback says so once and takes finite-difference products with the model as it runs;
+    training is bitwise unchanged and lambda_max matches exact products (math kernel, eager code)."""
+    loaders = shuffled_loader
+    plain = fit(make_module, loaders, [], tmp_path / "plain")
+    exact = fit(make_module, loaders, callbacks(hvp="exact"), tmp_path / "exact")
+    with pytest.warns(RuntimeWarning, match="finite differences") as record:
+        auto = fit(make_module, loaders, callbacks(), tmp_path / "auto")
+    assert sum("finite differences" in str(w.message) for w in record) == 2  # once per Hessian callback
+    assert [c.probe.hvp_chosen for c in auto[0].callbacks[:2]] == ["finite_difference"] * 2
+    assert_same_training(plain, auto)
+    for key in ("sharpness/lambda_max", "saddle/lambda_min"):
+        measured, reference = logged(auto[0])[key], logged(exact[0])[key]
+        assert [s for s, _ in measured] == [s for s, _ in reference]
+        for (_, value), (_, expected) in zip(measured, reference):
+            assert float(value) == pytest.approx(float(expected), rel=1e-3, abs=1e-4), key
 
 
 def test_a_compiled_submodule_runs_eagerly_in_the_probe(tmp_path):
     """Before: "aot_autograd does not currently support double backward". ``aot_eager`` fails the same
     way as inductor without its compile time (the inductor case is the slow test below)."""
-    check(compiled_classifier("aot_eager"), shuffled_loader, tmp_path)
+    check(compiled_classifier("aot_eager"), shuffled_loader, tmp_path, hvp="exact")
 
 
 def test_a_lightning_module_compiled_whole_runs_its_original_training_step(tmp_path):
     """``trainer.fit(torch.compile(module))``: Lightning compiles training_step and forward."""
-    check(lambda: torch.compile(BoringModel(), backend="aot_eager"), BoringModel().train_dataloader, tmp_path)
+    check(lambda: torch.compile(BoringModel(), backend="aot_eager"), BoringModel().train_dataloader, tmp_path,
+          hvp="exact")
 
 
 @pytest.mark.slow
 def test_an_inductor_compiled_submodule_runs_eagerly_in_the_probe(tmp_path):
-    check(compiled_classifier("inductor"), shuffled_loader, tmp_path)
+    check(compiled_classifier("inductor"), shuffled_loader, tmp_path, hvp="exact")
 
 
 def test_gan_with_two_optimizers_without_loss_fn_refuses_once_and_never_moves_the_weights(tmp_path):
@@ -429,7 +450,7 @@ def test_without_double_backward_the_message_names_the_cause_and_the_fix(tmp_pat
 
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        fit(Module, shuffled_loader, [HessianSharpness(every_n_train_steps=2, num_samples=16)], tmp_path)
+        fit(Module, shuffled_loader, [HessianSharpness(every_n_train_steps=2, num_samples=16, hvp="exact")], tmp_path)
     (message,) = [str(w.message) for w in record if "disabled itself" in str(w.message)]
     assert "refusing_backward" in message and "no second derivative" in message and "loss_fn" in message
 

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from adai_lightning import Adai
 from adai_lightning.callbacks import HessianSharpness, SaddleEscapeMonitor
-from adai_lightning.curvature import HessianOperator
+from adai_lightning.curvature import HessianOperator, flatten, unflatten
 
 
 def make_net_class(base):
@@ -121,7 +121,7 @@ def test_lambda_max_matches_direct_lanczos_on_the_given_loader(tmp_path):
     batches = [probe_loader.dataset[indices[:16]], probe_loader.dataset[indices[16:]]]
     operator = HessianOperator(list(module.parameters()),
                                lambda b: nn.functional.cross_entropy(module.body(b[0]), b[1]), batches)
-    dense = torch.stack([operator(e) for e in torch.eye(operator.dim)])
+    dense = torch.stack([flatten(operator(unflatten(e, operator.params))) for e in torch.eye(operator.dim)])
     assert logged == pytest.approx(float(torch.linalg.eigvalsh(dense.double())[-1]), rel=1e-3)
     optimizer = trainer.optimizers[0]  # Adai, lr 0.5: S^2 = lr (1 - beta1) / ((1 + beta1)(1 - beta1_prod))
     root = torch.cat([(0.5 * (1 - i.beta1) / (1 + i.beta1) / (1 - optimizer.state[i.param]["beta1_prod"])).reshape(-1)
@@ -151,14 +151,39 @@ class NoDoubleBackwardNet(Net):
         return nn.functional.cross_entropy(self.body[4](_NoDoubleBackward.apply(self.body[0](batch[0]))), batch[1])
 
 
-def test_without_double_backward_warns_once_and_training_continues(tmp_path):
-    callback = HessianSharpness(every_n_train_steps=2)
-    with pytest.warns(RuntimeWarning, match="disabled itself") as record:
+class TanhNet(Net):
+    """NoDoubleBackwardNet's function with torch's (twice-differentiable) tanh."""
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self.body[4](torch.tanh(self.body[0](batch[0]))), batch[1])
+
+
+def test_without_double_backward_exact_warns_once_and_training_continues(tmp_path):
+    callback = HessianSharpness(every_n_train_steps=2, hvp="exact")
+    with pytest.warns(RuntimeWarning, match="disabled itself.*hvp='finite_difference'") as record:
         trainer = fit(NoDoubleBackwardNet(), [callback], tmp_path, max_steps=6)
     assert sum("disabled itself" in str(w.message) for w in record) == 1
     assert trainer.global_step == 6 and callback.probe.disabled
     with pytest.raises(RuntimeError):
-        fit(NoDoubleBackwardNet(), [HessianSharpness(every_n_train_steps=2, on_error="raise")], tmp_path / "r")
+        fit(NoDoubleBackwardNet(), [HessianSharpness(every_n_train_steps=2, on_error="raise", hvp="exact")],
+            tmp_path / "r")
+
+
+def test_without_double_backward_auto_measures_by_finite_differences(tmp_path):
+    """The default ``hvp="auto"`` says once that it takes finite differences and logs what exact products
+    give on the same network with a twice-differentiable tanh."""
+    callback = HessianSharpness(every_n_train_steps=2, lanczos_iters=40)
+    with pytest.warns(RuntimeWarning, match="finite differences.*not implemented") as record:
+        trainer = fit(NoDoubleBackwardNet(), [callback], tmp_path / "fd", max_steps=4)
+    assert sum("finite differences" in str(w.message) for w in record) == 1
+    assert callback.probe.hvp_chosen == "finite_difference" and not callback.probe.disabled
+    reference = HessianSharpness(every_n_train_steps=2, lanczos_iters=40, hvp="exact")
+    exact = fit(TanhNet(), [reference], tmp_path / "exact", max_steps=4)
+    measured = column(read_metrics(trainer), "sharpness/lambda_max")
+    expected = column(read_metrics(exact), "sharpness/lambda_max")
+    assert [s for s, _ in measured] == [s for s, _ in expected] and len(measured) == 2
+    for (_, value), (_, target) in zip(measured, expected):
+        assert value == pytest.approx(target, rel=1e-3)
 
 
 @pytest.mark.parametrize("kwargs,name", [({"top_k": 0}, "top_k"), ({"method": "qr"}, "method"),
@@ -166,7 +191,9 @@ def test_without_double_backward_warns_once_and_training_continues(tmp_path):
                                          ({"keep_graphs": "yes"}, "keep_graphs"), ({"train_mode": 1}, "train_mode"),
                                          ({"trace_samples": -1}, "trace_samples"),
                                          ({"trace_method": "exact"}, "trace_method"),
-                                         ({"trace_method": "hutch++", "trace_samples": 2}, "trace_samples")])
+                                         ({"trace_method": "hutch++", "trace_samples": 2}, "trace_samples"),
+                                         ({"hvp": "symbolic"}, "hvp"), ({"tol": 2.0}, "tol"),
+                                         ({"warm_start": 1}, "warm_start"), ({"host_basis": "yes"}, "host_basis")])
 def test_hessian_sharpness_validates_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
         HessianSharpness(**kwargs)

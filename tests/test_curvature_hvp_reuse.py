@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from adai_lightning.callbacks._hessian_probe import HessianProbe
-from adai_lightning.curvature import HessianOperator
+from adai_lightning.curvature import HessianOperator, flatten, unflatten
 
 
 def _model(seed=0):
@@ -32,20 +32,22 @@ def _operator(model, batches, **kwargs):
     return HessianOperator(model.parameters(), loss_fn, batches, **kwargs)
 
 
-def _vectors(dim, count=4):
+def _vectors(operator, count=4):
+    """Random vectors in the layout of the operator's parameters."""
     gen = torch.Generator().manual_seed(7)
-    return [torch.randn(dim, generator=gen, dtype=torch.float64) for _ in range(count)]
+    return [unflatten(torch.randn(operator.dim, generator=gen, dtype=torch.float64), operator.params)
+            for _ in range(count)]
 
 
 def _assert_same(actual, expected):
-    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(flatten(actual), flatten(expected), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("num_batches", [1, 3])
 def test_reused_products_equal_fresh_ones_and_the_graph_is_built_once(num_batches):
     model, batches = _model(), _batches(num_batches)
     reused, fresh = _operator(model, batches, reuse_graph=True), _operator(model, batches, reuse_graph=False)
-    vectors = _vectors(reused.dim)
+    vectors = _vectors(reused)
     for vector in vectors:
         _assert_same(reused(vector), fresh(vector))
     assert reused.num_graph_builds == num_batches  # once per batch for all products
@@ -65,14 +67,14 @@ def test_automatic_choice_reuses_only_a_single_batch():
 def test_in_place_parameter_update_rebuilds_the_graph():
     model, batches = _model(), _batches(2)
     operator = _operator(model, batches, reuse_graph=True)
-    vector = _vectors(operator.dim, 1)[0]
+    vector = _vectors(operator, 1)[0]
     before = operator(vector)
     with torch.no_grad():
         next(model.parameters()).add_(0.3)  # an optimizer-style in-place update
     after = operator(vector)
     assert operator.num_graph_builds == 4
     _assert_same(after, _operator(model, batches, reuse_graph=False)(vector))
-    assert not torch.allclose(after, before)
+    assert not torch.allclose(flatten(after), flatten(before))
 
 
 def _saved_activation(model):
@@ -84,7 +86,7 @@ def _saved_activation(model):
 
 def test_release_and_context_exit_free_the_graph():
     model, batches = _model(), _batches(1)
-    vector = _vectors(sum(p.numel() for p in model.parameters()), 1)[0]
+    vector = _vectors(_operator(model, batches), 1)[0]
     refs, handle = _saved_activation(model)
     operator = _operator(model, batches)
     operator(vector)
@@ -107,7 +109,7 @@ def test_gradient_from_the_kept_graph_equals_a_fresh_gradient():
     reused = _operator(model, batches, reuse_graph=True)
     fresh = _operator(model, batches, reuse_graph=False)
     _assert_same(reused.gradient(), fresh.gradient())  # no graph kept yet: plain backward
-    reused(_vectors(reused.dim, 1)[0])
+    reused(_vectors(reused, 1)[0])
     _assert_same(reused.gradient(), fresh.gradient())  # read from the kept graphs
     assert reused.num_graph_builds == 3
 
@@ -125,16 +127,16 @@ def test_unused_and_linear_parameters_give_zero_rows_and_reduce_sees_the_sum(reu
         return nn.functional.cross_entropy(model(inputs), targets) + (linear * 2.0).sum()
 
     def reduce(vector):
-        calls.append(vector.clone())
-        return 2 * vector
+        calls.append([v.clone() for v in vector])
+        return [2 * v for v in vector]
 
     def make(**kwargs):
         return HessianOperator(params, loss_fn, batches, reuse_graph=reuse_graph, **kwargs)
 
-    vector = _vectors(make().dim, 1)[0]
+    vector = _vectors(make(), 1)[0]
     local = make()(vector)
-    assert torch.count_nonzero(local[-5:]) == 0
-    _assert_same(make(reduce=reduce)(vector), 2 * local)
+    assert torch.count_nonzero(flatten(local)[-5:]) == 0
+    _assert_same(make(reduce=reduce)(vector), [2 * v for v in local])
     assert len(calls) == 1  # one reduction per product, after summing the batches
     _assert_same(calls[0], local)
 
@@ -155,7 +157,7 @@ def test_probe_frees_the_graph_after_each_cadence_point():
 
     def compute(operator):
         operators.append(operator)
-        return operator(_vectors(operator.dim, 1)[0]), operator(_vectors(operator.dim, 1)[0])
+        return operator(_vectors(operator, 1)[0]), operator(_vectors(operator, 1)[0])
 
     first, second = probe.run(None, module, compute)
     _assert_same(first, second)

@@ -18,7 +18,7 @@ from adai_lightning.callbacks import HessianSharpness
 from adai_lightning.callbacks import _probe_subset
 from adai_lightning.callbacks._hessian_probe import HVP_COST_IN_STEPS, REBUILT_GRAPH_FACTOR, HessianProbe
 from adai_lightning.callbacks._probe_subset import choose_indices
-from adai_lightning.curvature.hvp import flatten, unflatten
+from adai_lightning.curvature import flatten, unflatten
 
 
 class BatchNormNet(pl.LightningModule):
@@ -50,7 +50,8 @@ def data(n, dtype=torch.float32, seed=0):
 
 
 def dense_hessian(operator):
-    return torch.stack([operator(e) for e in torch.eye(operator.dim, dtype=torch.float64)])
+    return torch.stack([flatten(operator(unflatten(e, operator.params)))
+                        for e in torch.eye(operator.dim, dtype=torch.float64)])
 
 
 def exact_hessian(module, batches, train):
@@ -119,7 +120,9 @@ def _fit(tmp_path, callback, ckpt_path=None, extra=()):
 
 def test_the_subset_survives_a_checkpoint_and_gives_the_same_lambda_max_after_resume(tmp_path, monkeypatch):
     """The indices go into the checkpoint; the resumed callback reuses them (choosing new ones would
-    raise here) and, on the checkpoint's weights, measures exactly the lambda_max logged before it."""
+    raise here) and, on the checkpoint's weights, measures exactly the lambda_max logged before it
+    (started cold, as that point was); the tracked eigenvectors go into the checkpoint too, so the next
+    point (warm-started from them) logs bitwise what the uninterrupted run logged."""
     saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
     first = HessianSharpness(every_n_train_steps=4, num_samples=24, lanczos_iters=12, seed=3)
     _, uninterrupted = _fit(tmp_path / "first", first, extra=[saver])
@@ -138,11 +141,14 @@ def test_the_subset_survives_a_checkpoint_and_gives_the_same_lambda_max_after_re
 
     class MeasureAtResume(pl.Callback):
         def on_train_start(self, trainer, pl_module):  # the checkpoint's weights, before any step
+            tracked, resumed.tracked = resumed.tracked, {}
             at_resume.update(resumed.probe.run(trainer, pl_module, partial(resumed._measure, trainer)))
+            assert all(torch.equal(a, b) for a, b in zip(tracked["top"][0], resumed.tracked["top"][0]))
 
-    _fit(tmp_path / "resumed", resumed, ckpt_path=checkpoint, extra=[MeasureAtResume()])
+    _, after_resume = _fit(tmp_path / "resumed", resumed, ckpt_path=checkpoint, extra=[MeasureAtResume()])
     assert resumed.probe.records[""].indices == state["probe"]["subset"][""]["indices"]
     assert at_resume["sharpness/lambda_max"] == uninterrupted[3]
+    assert after_resume[7] == uninterrupted[7]
 
 
 @pytest.mark.parametrize("mode,expected", [("max_size_cycle", [(0, 0), (1, 1), (2, 0)]),

@@ -13,13 +13,19 @@ every RNG bitwise identical with and without the callbacks):
 - the loss of a batch is ``loss_fn(module, batch)`` if given, else ``training_step`` called with
   the arguments its signature takes (``batch_idx=0``) inside the isolation context of
   :mod:`~adai_lightning.callbacks._probe_isolation` (no logging, inert optimizers and
-  ``manual_backward``, torchmetrics states kept, RNGs, modes and buffers restored, math SDPA,
-  compiled code run eagerly);
+  ``manual_backward``, torchmetrics states kept, RNGs, modes and buffers restored; with
+  ``hvp="exact"`` also math SDPA and compiled code run eagerly, so that a double backward exists);
+- products (``hvp``): "exact" (double backward), "finite_difference" (central differences of two
+  gradients; the model runs as in training: fused attention kernels, compiled code as compiled;
+  parameters restored bitwise) or "auto" (default: exact if the model as it runs has a double
+  backward, else finite differences, said once in a warning; the choice is kept for later cadence
+  points and in the checkpoint), see :class:`~adai_lightning.curvature.HessianOperator`;
 - ``train_mode=True`` (default): modules stay in the modes training runs them in (BatchNorm with
   batch statistics: the objective actually optimized), with the RNG reseeded to ``seed`` before
   every batch so that dropout draws the same mask in every Hessian-vector product (the operator
   stays one fixed matrix); ``train_mode=False``: eval mode (running statistics, no dropout);
 - only ``torch.autograd.grad`` is used: parameter ``.grad`` fields are never touched;
+- vectors are lists of tensors in the parameters' layout (no flat copy of the model);
 - the operator lives for one cadence point only (a ``with`` block): its kept first-order graphs
   (``keep_graphs``: None keeps them for a one-batch subset only, True for every batch, False never)
   are freed afterwards, so no memory is held between cadence points.
@@ -27,8 +33,8 @@ every RNG bitwise identical with and without the callbacks):
 The operator is the Hessian of the sample-weighted mean of the batch losses (each batch weighs its
 share of the subset's samples). Under ``torch.distributed`` every rank forms the same batches and
 takes every ``world_size``-th of them (rank ``r``: batches ``r, r + W, ...``); HVPs and gradients
-are summed across ranks explicitly, so the operator is the single-process Hessian of the same
-subset, identical on every rank.
+are summed across ranks explicitly (one all-reduce per parameter), so the operator is the
+single-process Hessian of the same subset, identical on every rank.
 
 When the loss cannot be evaluated or differentiated twice, the probe raises (``on_error="raise"``)
 or warns once, naming the cause and the fix, and disables itself; training continues.
@@ -50,7 +56,8 @@ from adai_lightning.callbacks._cadence import CadencedCallback
 from adai_lightning.callbacks._probe_isolation import StepRecorder, isolated, step_loss
 from adai_lightning.callbacks._probe_subset import (ProbeBatch, ProbeError, SubsetRecord, evaluation_batches,
                                                     expected_batches)
-from adai_lightning.curvature import HessianOperator
+from adai_lightning.curvature import HVP_MODES, HessianOperator
+from adai_lightning.curvature.vectors import Vector, is_sharded
 
 LossFn = Callable[[Any, Any], Tensor]
 Result = TypeVar("Result")
@@ -81,10 +88,27 @@ def check_probe_batch_size(value: Any, dataloader: Any) -> None:
                          "DataLoader, so its batches are used as they are: leave probe_batch_size=None")
 
 
-def _sum_across_ranks(vector: Tensor) -> Tensor:
-    summed = vector.clone()
-    dist.all_reduce(summed, op=dist.ReduceOp.SUM)
-    return summed
+def check_tracking(warm_start: Any, tol: Any, host_basis: Any) -> None:
+    """Raise a ValueError naming the parameter unless ``warm_start`` and ``host_basis`` are booleans and ``tol``
+    is None or a number in (0, 1)."""
+    for name, value in (("warm_start", warm_start), ("host_basis", host_basis)):
+        if not isinstance(value, bool):
+            raise ValueError(f"Invalid {name}: {value!r}; it must be True or False")
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1):
+        raise ValueError(f"Invalid tol: {tol!r}; it must be None or a number in (0, 1)")
+
+
+def _sum_across_ranks(vector: Vector) -> Vector:
+    """Each tensor summed over the ranks (in place: the operator's per-rank results are fresh tensors)."""
+    works = [dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True) for tensor in vector]
+    for work in works:
+        work.wait()
+    return vector
+
+
+def _sharded(module: torch.nn.Module) -> bool:
+    """Whether the module's parameters are FSDP2 shards (DTensors): FSDP2's hooks then reduce the gradients."""
+    return any(is_sharded(p) for p in module.parameters())
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -104,13 +128,13 @@ def _advice(error: BaseException) -> str:
     text = str(error)
     if isinstance(error, ProbeError):
         return text
-    if "double backward" in text or "second time" in text:
+    if "double backward" in text or "second time" in text or "twice" in text:
         return (f"{text}. Some code cannot be differentiated twice (compiled code the probe could not run eagerly, "
-                "or a custom autograd Function): pass loss_fn=... computing the loss with eager, twice-"
-                "differentiable operations")
+                "or a custom autograd Function): pass hvp='finite_difference' (or 'auto'), or loss_fn=... "
+                "computing the loss with eager, twice-differentiable operations")
     if "derivative for" in text and "not implemented" in text:
-        return (f"{text}. An operation has no second derivative: pass loss_fn=... computing the loss without it "
-                "(e.g. a twice-differentiable equivalent)")
+        return (f"{text}. An operation has no second derivative: pass hvp='finite_difference' (or 'auto'), or "
+                "loss_fn=... computing the loss without it (e.g. a twice-differentiable equivalent)")
     return f"{text}. Pass loss_fn=... to compute the loss yourself, or on_error='raise' to see the traceback"
 
 
@@ -118,9 +142,10 @@ class HessianProbe:
     """Builds a ``HessianOperator`` on the fixed subset and runs a computation on it in isolation."""
 
     def __init__(self, owner: str, num_samples: int, dataloader: Any, loss_fn: LossFn | None, train_mode: bool,
-                 on_error: str, seed: int, keep_graphs: bool | None = None, probe_batch_size: int | None = None
-                 ) -> None:
+                 on_error: str, seed: int, keep_graphs: bool | None = None, hvp: str = "auto",
+                 probe_batch_size: int | None = None) -> None:
         check_int("num_samples", num_samples, 1)
+        check_choice("hvp", hvp, HVP_MODES)
         check_probe_batch_size(probe_batch_size, dataloader)
         if keep_graphs not in (None, True, False):
             raise ValueError(f"Invalid keep_graphs: {keep_graphs!r}; it must be None, True or False")
@@ -138,6 +163,9 @@ class HessianProbe:
         self.on_error = on_error
         self.seed = seed
         self.keep_graphs = keep_graphs
+        self.hvp = hvp
+        #: The way products are taken: ``hvp``, with "auto" replaced by what it chose at the first product.
+        self.hvp_chosen = hvp
         self.probe_batch_size = probe_batch_size
         self.disabled = False
         #: The subset taken (or loaded from a checkpoint), per loader; None until the first cadence point.
@@ -169,7 +197,10 @@ class HessianProbe:
         strategy = trainer.strategy if trainer is not None else None
         move = strategy.batch_to_device if strategy is not None else \
             (lambda data: move_data_to_device(data, module.device))
-        return [batch._replace(data=move(batch.data)) for batch in batches[rank::world_size]]
+        share = batches[rank::world_size]
+        if _sharded(module):  # FSDP2's hooks are collectives: every rank runs as many batches (padding weighs 0)
+            share += [batches[0]._replace(weight=0.0)] * (math.ceil(len(batches) / world_size) - len(share))
+        return [batch._replace(data=move(batch.data)) for batch in share]
 
     def expected_batches(self, trainer: pl.Trainer) -> int:
         """Batches of the subset this rank evaluates (before it is taken: from the loaders' batch sizes)."""
@@ -189,10 +220,10 @@ class HessianProbe:
         return step_loss(module, batch.data, self._recorder)
 
     def _operator(self, module: pl.LightningModule) -> HessianOperator:
-        reduce = _sum_across_ranks if _rank_and_world()[1] > 1 else None
+        reduce = _sum_across_ranks if _rank_and_world()[1] > 1 and not _sharded(module) else None
         return HessianOperator(module.parameters(), lambda batch: self._batch_loss(module, batch), self._batches,
                                weights=[batch.weight for batch in self._batches], reduce=reduce,
-                               reuse_graph=self.keep_graphs)
+                               reuse_graph=self.keep_graphs, hvp=self.hvp_chosen)
 
     def run(self, trainer: pl.Trainer | None, module: pl.LightningModule,
             compute: Callable[[HessianOperator], Result]) -> Result | None:
@@ -205,11 +236,14 @@ class HessianProbe:
         if self.disabled:
             return None
         try:
-            with isolated(module, self.train_mode, self._recorder):
+            with isolated(module, self.train_mode, self._recorder, twice_differentiable=self.hvp == "exact"):
                 if self._batches is None:
                     self._batches = self._collect(trainer, module)
                 with self._operator(module) as operator:  # frees the kept graph after this cadence point
-                    return compute(operator)
+                    try:
+                        return compute(operator)
+                    finally:
+                        self.hvp_chosen = operator.hvp
         except (RuntimeError, NotImplementedError, TypeError, ValueError) as error:
             if self.on_error == "raise":
                 raise
@@ -221,10 +255,13 @@ class HessianProbe:
     def state_dict(self) -> dict[str, Any]:
         """The disabled flag and the subset taken (per loader key: its dataset indices, or a count of leading items)."""
         records = None if self.records is None else {key: r.state_dict() for key, r in self.records.items()}
-        return {"disabled": self.disabled, "subset": records, "num_samples": self.num_samples, "seed": self.seed}
+        return {"disabled": self.disabled, "subset": records, "num_samples": self.num_samples, "seed": self.seed,
+                "hvp": self.hvp_chosen}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.disabled = bool(state.get("disabled", False))
+        if self.hvp == "auto" and state.get("hvp") in HVP_MODES:
+            self.hvp_chosen = state["hvp"]
         subset = state.get("subset")
         self.records = None if subset is None else {key: SubsetRecord.from_state(r) for key, r in subset.items()}
         self._batches = None  # taken again from the saved records at the next cadence point
@@ -249,10 +286,10 @@ class ProbedCallback(CadencedCallback):
 
     def __init__(self, every_n_train_steps: int | None, every_n_epochs: int | None, max_overhead: float | None,
                  num_samples: int, dataloader: Any, loss_fn: LossFn | None, train_mode: bool, on_error: str,
-                 seed: int, keep_graphs: bool | None, probe_batch_size: int | None = None) -> None:
+                 seed: int, keep_graphs: bool | None, hvp: str = "auto", probe_batch_size: int | None = None) -> None:
         super().__init__(every_n_train_steps, every_n_epochs, max_overhead)
         self.probe = HessianProbe(type(self).__name__, num_samples, dataloader, loss_fn, train_mode, on_error, seed,
-                                  keep_graphs, probe_batch_size)
+                                  keep_graphs, hvp, probe_batch_size)
 
     def products_per_point(self) -> int:
         """Hessian-vector products (or gradients) one cadence point computes, at most."""

@@ -19,10 +19,11 @@
   every submodule: :mod:`~adai_lightning.callbacks._python_state`) is put back after every
   ``training_step`` call, so each call sees the state of the cadence point and none changes the run;
   containers are restored in place. What cannot be restored is named in one warning per attribute;
-- ``scaled_dot_product_attention`` runs its math backend (the fused kernels have no double
-  backward), and ``torch.compile``'d code runs eagerly (compiled modules run their ``_orig_mod``,
-  and ``torch.compiler.set_stance("force_eager")`` where available; aot_autograd has no double
-  backward).
+- with ``twice_differentiable=True`` (exact Hessian-vector products), ``scaled_dot_product_attention``
+  runs its math backend (the fused kernels have no double backward), and ``torch.compile``'d code
+  runs eagerly (compiled modules run their ``_orig_mod``, and ``torch.compiler.set_stance("force_eager")``
+  where available; aot_autograd has no double backward); with False (finite-difference products),
+  the model runs its kernels and compiled code as in training.
 
 :func:`step_loss` calls ``training_step`` with the arguments its signature takes, as Lightning does.
 """
@@ -237,9 +238,10 @@ def _twice_differentiable(module: torch.nn.Module) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def isolated(module: torch.nn.Module, train_mode: bool, recorder: StepRecorder) -> Iterator[None]:
+def isolated(module: torch.nn.Module, train_mode: bool, recorder: StepRecorder,
+             twice_differentiable: bool = True) -> Iterator[None]:
     """The probe's isolation context (see the module docstring); ``train_mode=False`` puts modules in eval mode,
-    ``True`` leaves them as training runs them."""
+    ``True`` leaves them as training runs them; ``twice_differentiable`` forces math SDPA and eager code."""
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     devices = [device] if device.type == "cuda" else []
     with contextlib.ExitStack() as stack:
@@ -248,7 +250,8 @@ def isolated(module: torch.nn.Module, train_mode: bool, recorder: StepRecorder) 
         stack.enter_context(_modes_and_buffers_kept(module))
         stack.enter_context(_metrics_kept(module))
         stack.enter_context(_shadowed(module, _module_shadows(module, recorder)))
-        stack.enter_context(_twice_differentiable(module))
+        if twice_differentiable:
+            stack.enter_context(_twice_differentiable(module))
         stack.enter_context(torch.enable_grad())
         if not train_mode:
             module.eval()

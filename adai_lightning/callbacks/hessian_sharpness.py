@@ -10,12 +10,15 @@ import torch
 
 from adai_lightning.callbacks._cadence import log_scalars
 from adai_lightning.callbacks._hessian_probe import (DEFAULT_MAX_OVERHEAD, DEFAULT_NUM_SAMPLES, LossFn,
-                                                     ProbedCallback, check_choice, check_int)
+                                                     ProbedCallback, check_choice, check_int, check_tracking)
 from adai_lightning.curvature import (HessianOperator, default_lanczos_iters, hutch_plus_plus_trace,
                                       hutchinson_trace, lanczos_extremes, power_top_k)
 from adai_lightning.curvature.stability import linearised_step, stability_ratio
+from adai_lightning.curvature.vectors import Vector, norm, to_host
 
 TRACE_ESTIMATORS = {"hutchinson": hutchinson_trace, "hutch++": hutch_plus_plus_trace}
+#: Lanczos stops when the wanted Ritz values are within this relative accuracy (benchmarks/lanczos_warm_start.py).
+DEFAULT_TOL = 1e-4
 
 
 class HessianSharpness(ProbedCallback):
@@ -41,11 +44,20 @@ class HessianSharpness(ProbedCallback):
     ``sharpness/trace`` and ``sharpness/trace_stderr`` (``trace_method`` "hutchinson" or "hutch++",
     Rademacher probes; Hutch++ needs ``trace_samples >= 3``).
 
+    Products (``hvp``): "auto" (default), "exact" or "finite_difference", see
+    :class:`~adai_lightning.curvature.HessianOperator` and docs/callbacks-curvature.md.
+
+    Tracking (``warm_start=True``, default): each Lanczos run (the top-k and the stability ratio's)
+    starts from the eigenvectors the previous cadence point found (kept in the checkpoint, so a
+    resumed run measures bitwise what an uninterrupted one does) and stops once the wanted Ritz
+    values are within ``tol`` (relative; None: always ``lanczos_iters``). The Lanczos basis lives on
+    the parameters' device, or in host memory with ``host_basis=True``.
+
     Cost per cadence point, in Hessian-vector products (with a one-batch subset, or with
     ``keep_graphs=True``, each batch's first-order graph is built once and each product is one more
     backward through it; with several batches and ``keep_graphs=None``, the default, each product
     redoes a forward and a double backward per batch, holding one batch's graph at a time):
-    ``lanczos_iters`` (default ``max(20, 3 top_k + 10)``) for Lanczos, at most ``top_k * power_iters``
+    at most ``lanczos_iters`` (default ``max(20, 3 top_k + 10)``) for Lanczos, at most ``top_k * power_iters``
     for power iteration, plus ``trace_samples``, plus for the stability ratio of an optimizer with
     per-element step sizes (Adai, Adam) one more Lanczos run of ``lanczos_iters`` on the scaled
     operator (SGD's ratio is arithmetic on lambda_max). The learning rates are those the last
@@ -68,10 +80,12 @@ class HessianSharpness(ProbedCallback):
                  lanczos_iters: int | None = None,
                  power_iters: int = 100, dataloader: Any = None, loss_fn: LossFn | None = None,
                  train_mode: bool = True, on_error: str = "warn", seed: int = 0,
-                 keep_graphs: bool | None = None, probe_batch_size: int | None = None,
+                 keep_graphs: bool | None = None, hvp: str = "auto", warm_start: bool = True,
+                 tol: float | None = DEFAULT_TOL, host_basis: bool = False, probe_batch_size: int | None = None,
                  dense_first_steps: int = 0) -> None:
         super().__init__(every_n_train_steps, every_n_epochs, max_overhead, num_samples, dataloader, loss_fn,
-                         train_mode, on_error, seed, keep_graphs, probe_batch_size)
+                         train_mode, on_error, seed, keep_graphs, hvp, probe_batch_size)
+        check_tracking(warm_start, tol, host_basis)
         check_int("dense_first_steps", dense_first_steps, 0)
         check_int("top_k", top_k, 1)
         check_choice("method", method, ("lanczos", "power"))
@@ -89,6 +103,11 @@ class HessianSharpness(ProbedCallback):
         self.lanczos_iters = lanczos_iters
         self.power_iters = power_iters
         self.dense_first_steps = dense_first_steps
+        self.warm_start = warm_start
+        self.tol = tol
+        self.host_basis = host_basis
+        #: The eigenvectors the last cadence point found ("top": the top-k, "ratio": the scaled operator's), on the host.
+        self.tracked: dict[str, list[Vector]] = {}
         self._step_lrs: list[Any] | None = None  # the learning rates of the last optimizer step
         self._scaled_ratio = True  # whether the stability ratio needs its own Lanczos run (not plain SGD)
 
@@ -122,22 +141,32 @@ class HessianSharpness(ProbedCallback):
         step = linearised_step(optimizer, operator.params, [float(lr) for lr in self._step_lrs])
         if step is None:
             return {}
-        ratio = stability_ratio(operator, step, self.probe.generator(), operator.params[0], self._ratio_iters(),
-                                lambda_max=lambda_max)
-        return {"sharpness/stability_ratio": ratio}
+        ratio = stability_ratio(operator, step, self.probe.generator(), operator.params, self._ratio_iters(),
+                                lambda_max=lambda_max, previous=self._previous("ratio"), tol=self.tol)
+        self._track("ratio", ratio.vectors)
+        return {"sharpness/stability_ratio": float(ratio.values[0])}
+
+    def _previous(self, key: str) -> list[Vector]:
+        return self.tracked.get(key, []) if self.warm_start else []
+
+    def _track(self, key: str, vectors: list[Vector]) -> None:
+        if self.warm_start and vectors:
+            self.tracked[key] = [to_host(vector) for vector in vectors]
 
     def _measure(self, trainer: pl.Trainer, operator: HessianOperator) -> dict[str, float]:
-        generator, like = self.probe.generator(), operator.params[0]
+        generator, like = self.probe.generator(), operator.params
         if self.method == "lanczos":
-            pairs = lanczos_extremes(operator, operator.dim, self.top_k, "largest", generator, like, self.lanczos_iters)
+            pairs = lanczos_extremes(operator, like, self.top_k, "largest", generator, self.lanczos_iters,
+                                     self._previous("top"), self.tol, self.host_basis)
+            self._track("top", pairs.vectors)
         else:
-            pairs = power_top_k(operator, operator.dim, self.top_k, generator, like, self.power_iters)
+            pairs = power_top_k(operator, like, self.top_k, generator, self.power_iters)
         values = pairs.values.tolist()
         metrics = {"sharpness/lambda_max": values[0],
-                   "sharpness/weight_norm": float(torch.stack([p.detach().norm() for p in operator.params]).norm())}
+                   "sharpness/weight_norm": norm([p.detach() for p in operator.params])}
         metrics.update({f"sharpness/lambda_{i}": value for i, value in enumerate(values[1:], start=2)})
         if self.trace_samples:
-            trace = TRACE_ESTIMATORS[self.trace_method](operator, operator.dim, self.trace_samples, generator, like)
+            trace = TRACE_ESTIMATORS[self.trace_method](operator, like, self.trace_samples, generator)
             metrics.update({"sharpness/trace": trace.trace, "sharpness/trace_stderr": trace.stderr})
         metrics.update(self._stability(trainer, operator, values[0]))
         return metrics
@@ -146,3 +175,10 @@ class HessianSharpness(ProbedCallback):
         metrics = self.probe.run(trainer, pl_module, partial(self._measure, trainer))
         if metrics is not None:
             log_scalars(trainer, metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "tracked": self.tracked}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.tracked = dict(state_dict.get("tracked", {}))

@@ -13,9 +13,11 @@ from torch import Tensor
 
 from adai_lightning.callbacks._cadence import log_scalars
 from adai_lightning.callbacks._hessian_probe import (DEFAULT_MAX_OVERHEAD, DEFAULT_NUM_SAMPLES, LossFn,
-                                                     ProbedCallback, check_choice, check_int)
-from adai_lightning.curvature import HessianOperator, flatten, lanczos, power_smallest, power_top_k
-from adai_lightning.curvature.eigen import random_unit
+                                                     ProbedCallback, check_choice, check_int, check_tracking)
+from adai_lightning.callbacks.hessian_sharpness import DEFAULT_TOL
+from adai_lightning.curvature import HessianOperator, lanczos, power_smallest, power_top_k
+from adai_lightning.curvature.eigen import warm_start
+from adai_lightning.curvature.vectors import Vector, combination, dot, dots, norm, scaled, to_host
 from adai_lightning.curvature.plateaus import (DEFAULT_DROP_FRACTION, DEFAULT_MIN_STEPS, DEFAULT_TOLERANCE,
                                                DEFAULT_WINDOW, PlateauDetector)
 
@@ -27,18 +29,18 @@ DETECTOR_ARGUMENTS = {"window": "plateau_window", "min_steps": "plateau_min_step
 LOSS_FLUSH_EVERY = 64
 
 
-def _cosine(a: Tensor, b: Tensor) -> float:
-    denominator = float(a.norm() * b.norm())
-    return float(torch.dot(a, b)) / denominator if denominator > 0 else 0.0
+def _cosine(a: Vector, b: Vector) -> float:
+    denominator = norm(a) * norm(b)
+    return dot(a, b) / denominator if denominator > 0 else 0.0
 
 
-def _escape_direction(vector: Tensor, gradient: Tensor) -> Tensor:
+def _escape_direction(vector: Vector, gradient: Vector) -> Vector:
     """Orient a unit eigenvector so that moving along it lowers the loss to first order
-    (``<v, grad> <= 0``); at a critical point, so that its largest-magnitude entry is positive."""
-    slope = float(torch.dot(vector, gradient))
-    if abs(slope) > 1e-12 * float(gradient.norm() + 1e-30):
-        return -vector if slope > 0 else vector
-    return -vector if float(vector[vector.abs().argmax()]) < 0 else vector
+    (``<v, grad> <= 0``); at a critical point, so that the sum of its entries is positive."""
+    slope = dot(vector, gradient)
+    if abs(slope) <= 1e-12 * (norm(gradient) + 1e-30):
+        slope = -float(dots([[torch.ones_like(t) for t in vector]], vector)[0])
+    return scaled(vector, -1.0) if slope > 0 else vector
 
 
 class SaddleEscapeMonitor(ProbedCallback):
@@ -77,8 +79,10 @@ class SaddleEscapeMonitor(ProbedCallback):
     plateaus) per group instead of one per step. Escape events are therefore logged when their
     group is read, at the logger step of the batch that confirmed them.
 
-    Cadence: by default as often as ``max_overhead`` allows; the subset's batches, ``probe_batch_size``
-    (default: the train loader's batch size), as in :class:`HessianSharpness`.
+    Cadence: by default as often as ``max_overhead`` allows (see :class:`HessianSharpness`). ``hvp``,
+    ``warm_start``, ``tol``, ``host_basis`` and ``probe_batch_size`` (default: the train loader's batch
+    size) are those of :class:`HessianSharpness` (tracking starts from the last point's lambda_min and
+    lambda_max eigenvectors and stops when both have converged).
 
     The plateau detector reads the loss ``training_step`` returned (the tensor or its ``"loss"``
     entry). A step without one (``training_step`` returned None to skip the batch, or returned
@@ -95,9 +99,11 @@ class SaddleEscapeMonitor(ProbedCallback):
                  method: str = "lanczos",
                  lanczos_iters: int = 20, power_iters: int = 100, dataloader: Any = None, loss_fn: LossFn | None = None,
                  train_mode: bool = True, on_error: str = "warn", seed: int = 0,
-                 keep_graphs: bool | None = None, probe_batch_size: int | None = None) -> None:
+                 keep_graphs: bool | None = None, hvp: str = "auto", warm_start: bool = True,
+                 tol: float | None = DEFAULT_TOL, host_basis: bool = False, probe_batch_size: int | None = None) -> None:
         super().__init__(every_n_train_steps, every_n_epochs, max_overhead, num_samples, dataloader, loss_fn,
-                         train_mode, on_error, seed, keep_graphs, probe_batch_size)
+                         train_mode, on_error, seed, keep_graphs, hvp, probe_batch_size)
+        check_tracking(warm_start, tol, host_basis)
         self.detector = PlateauDetector(plateau_window, plateau_min_steps, plateau_tolerance, escape_fraction,
                                         names=DETECTOR_ARGUMENTS)
         check_choice("method", method, ("lanczos", "power"))
@@ -106,9 +112,14 @@ class SaddleEscapeMonitor(ProbedCallback):
         self.method = method
         self.lanczos_iters = lanczos_iters
         self.power_iters = power_iters
+        self.warm_start = warm_start
+        self.tol = tol
+        self.host_basis = host_basis
+        #: The lambda_min and lambda_max eigenvectors the last cadence point found (on the host), to start from.
+        self.tracked: list[Vector] = []
         self._batch_idx = -1
         self._grad_norm: float | None = None
-        self._params_before: Tensor | None = None
+        self._params_before: Vector | None = None
         self._pending: list[tuple[int, int, Tensor]] = []  # (global step, logger step, loss on device)
         self._unlogged: list[tuple[int, dict[str, float]]] = []  # escape events: (logger step, metrics)
 
@@ -126,10 +137,8 @@ class SaddleEscapeMonitor(ProbedCallback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if not self._cadence_follows(trainer):
             return
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        self._grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) \
-            if grads else 0.0
-        self._params_before = flatten([p.detach() for p in pl_module.parameters() if p.requires_grad]).clone()
+        self._grad_norm = norm([p.grad for p in pl_module.parameters() if p.grad is not None])
+        self._params_before = [p.detach().clone() for p in pl_module.parameters() if p.requires_grad]
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -178,23 +187,26 @@ class SaddleEscapeMonitor(ProbedCallback):
     def products_per_point(self) -> int:
         return 1 + (self.lanczos_iters if self.method == "lanczos" else 3 * self.power_iters)  # and the gradient
 
-    def _extremes(self, operator: HessianOperator) -> tuple[float, float, Tensor, Tensor]:
-        generator, like = self.probe.generator(), operator.params[0]
+    def _extremes(self, operator: HessianOperator) -> tuple[float, float, Vector, Vector]:
+        generator, like = self.probe.generator(), operator.params
         if self.method == "lanczos":
-            pairs = lanczos(operator, random_unit(operator.dim, generator, like), self.lanczos_iters)
+            start = warm_start(self.tracked if self.warm_start else [], like, generator)
+            pairs = lanczos(operator, start, self.lanczos_iters, (0, -1), self.tol, self.host_basis)
             lambda_max, lambda_min, vector = float(pairs.values[-1]), float(pairs.values[0]), pairs.vectors[0]
+            if self.warm_start:
+                self.tracked = [to_host(v) for v in pairs.vectors]
         else:
-            lambda_max = float(power_top_k(operator, operator.dim, 1, generator, like, self.power_iters).values[0])
-            low = power_smallest(operator, operator.dim, generator, like, self.power_iters)
+            lambda_max = float(power_top_k(operator, like, 1, generator, self.power_iters).values[0])
+            low = power_smallest(operator, like, generator, self.power_iters)
             lambda_min, vector = float(low.values[0]), low.vectors[0]
         return lambda_min, lambda_max, vector, operator.gradient()
 
-    def _momentum(self, trainer: pl.Trainer, params: list[Tensor]) -> Tensor | None:
+    def _momentum(self, trainer: pl.Trainer, params: list[Tensor]) -> Vector | None:
         state = trainer.optimizers[0].state if trainer.optimizers else {}
         buffers = [next((state.get(p, {})[k] for k in MOMENTUM_KEYS if k in state.get(p, {})), None) for p in params]
         if all(b is None for b in buffers):
             return None
-        return flatten([torch.zeros_like(p) if b is None else b.to(p.dtype) for b, p in zip(buffers, params)])
+        return [torch.zeros_like(p) if b is None else b.to(p.dtype) for b, p in zip(buffers, params)]
 
     def on_cadence(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         self._flush_losses()
@@ -212,10 +224,11 @@ class SaddleEscapeMonitor(ProbedCallback):
                 (math.inf if lambda_min < 0 else 0.0)
             momentum = self._momentum(trainer, params)
             if momentum is not None:
-                metrics["saddle/momentum_drift"] = _cosine(-momentum, direction)
-            after = flatten([p.detach() for p in params])
-            if self._params_before is not None and self._params_before.shape == after.shape:  # not if toggled
-                metrics["saddle/update_drift"] = _cosine(after - self._params_before, direction)
+                metrics["saddle/momentum_drift"] = _cosine(scaled(momentum, -1.0), direction)
+            after = [p.detach() for p in params]
+            before = self._params_before
+            if before is not None and [b.shape for b in before] == [a.shape for a in after]:  # not if toggled
+                metrics["saddle/update_drift"] = _cosine(combination(after, before, -1.0), direction)
         self._grad_norm = self._params_before = None
         log_scalars(trainer, metrics)
 
@@ -223,9 +236,11 @@ class SaddleEscapeMonitor(ProbedCallback):
         """The state, buffered losses flushed first (under DDP an all-reduce: Lightning calls this on
         every rank when it saves a checkpoint)."""
         self._flush_losses()
-        return {**super().state_dict(), "plateau": self.detector.state_dict(), "unlogged": list(self._unlogged)}
+        return {**super().state_dict(), "plateau": self.detector.state_dict(), "unlogged": list(self._unlogged),
+                "tracked": self.tracked}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.detector.load_state_dict(state_dict.get("plateau", {}))
         self._unlogged = list(state_dict.get("unlogged", []))
+        self.tracked = list(state_dict.get("tracked", []))

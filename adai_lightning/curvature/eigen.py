@@ -1,66 +1,122 @@
 """Extreme eigenpairs of a symmetric operator given only by products: Lanczos and power iteration.
 
-Both take ``matvec(v) -> A v`` on flat vectors and a ``torch.Generator`` of their own for the start
-vector, so that results are deterministic and the global RNG streams are never consumed.
+Both take ``matvec(v) -> A v`` on vectors in the parameters' layout (lists of tensors, see
+:mod:`~adai_lightning.curvature.vectors`) and a ``torch.Generator`` of their own for random start
+vectors, so that results are deterministic and the global RNG streams are never consumed.
+
+Lanczos keeps its basis (one vector per iteration: ``num_iters`` x the local shard) on the
+parameters' device, or in host memory with ``host_basis=True``. It can start from the previous
+cadence point's eigenvectors (``previous``: tracking instead of re-discovery) and stop as soon as the
+Ritz values it is asked for have converged (``tol``).
 """
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
-MatVec = Callable[[Tensor], Tensor]
+from adai_lightning.curvature.vectors import (Vector, add_, combination, dot, dots, normalized, numel, random_unit,
+                                              scaled, to_device, to_host)
+
+MatVec = Callable[[Vector], Vector]
+#: The weight of a fresh random direction in a warm start (relative to the previous eigenvectors): enough
+#: for Lanczos to find a new top direction, small enough to keep the head start.
+WARM_START_NOISE = 0.1
 
 
 class EigenPairs(NamedTuple):
-    """Eigenvalues (float64, on CPU) and matching unit eigenvectors (rows, in the operator's dtype)."""
+    """Eigenvalues (float64, on CPU), their unit eigenvectors (in the parameters' layout), and the products used."""
 
     values: Tensor
-    vectors: Tensor
+    vectors: list[Vector]
+    products: int = 0
 
 
-def random_unit(dim: int, generator: torch.Generator, like: Tensor) -> Tensor:
-    """A standard-normal vector drawn on CPU from ``generator``, normalised, moved next to ``like``."""
-    vector = torch.randn(dim, generator=generator, dtype=torch.float64)
-    return (vector / vector.norm()).to(dtype=like.dtype, device=like.device)
+def _tridiagonal(alphas: Sequence[float], betas: Sequence[float]) -> Tensor:
+    matrix = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if len(alphas) > 1:
+        off = torch.tensor(betas[:len(alphas) - 1], dtype=torch.float64)
+        matrix += torch.diag(off, 1) + torch.diag(off, -1)
+    return matrix
 
 
-def lanczos(matvec: MatVec, start: Tensor, num_iters: int) -> EigenPairs:
-    """All Ritz pairs of ``num_iters`` Lanczos steps with full reorthogonalisation, ascending.
+def _converged(values: Tensor, coefficients: Tensor, beta: float, want: Sequence[int], tol: float) -> bool:
+    """Whether every wanted Ritz value is within ``tol`` (relative to the largest magnitude) of an eigenvalue.
 
-    Full reorthogonalisation (twice, against every previous basis vector) keeps the basis
-    orthogonal in floating point, so no spurious copies of converged eigenvalues appear.  The
-    iteration stops early when the Krylov space becomes invariant (then the Ritz values are exact).
+    The residual of Ritz pair ``j`` is ``beta |s_last,j|`` (exact in exact arithmetic); the eigenvalue error is
+    at most the residual and, away from other eigenvalues, at most residual^2 / gap (the gap to the nearest
+    other Ritz value)."""
+    if len(values) < 2:
+        return False
+    scale = float(values.abs().max())
+    for index in want:
+        residual = beta * abs(float(coefficients[-1, index]))
+        others = torch.cat([values[:index % len(values)], values[index % len(values) + 1:]])
+        gap = float((others - values[index]).abs().min())
+        if min(residual, residual ** 2 / gap if gap > 0 else residual) > tol * scale:
+            return False
+    return True
+
+
+def _orthogonalise(product: Vector, basis: Sequence[Vector], host_basis: bool) -> None:
+    """Subtract the projection of ``product`` on the (orthonormal) ``basis`` in place, twice (classical
+    Gram-Schmidt twice keeps the basis orthogonal in floating point, so no spurious copies of converged
+    eigenvalues appear)."""
+    for _ in range(2):
+        if host_basis:
+            for vector in basis:
+                on_device = to_device(vector, product)
+                add_(product, on_device, -dot(on_device, product))
+        else:
+            for vector, coefficient in zip(basis, dots(basis, product).tolist()):
+                add_(product, vector, -coefficient)
+
+
+def lanczos(matvec: MatVec, start: Vector, num_iters: int, want: Sequence[int] = (-1,), tol: float | None = None,
+            host_basis: bool = False) -> EigenPairs:
+    """Lanczos with full reorthogonalisation: all Ritz values (ascending) and the Ritz vectors at ``want``
+    (indices into the ascending values, e.g. ``(-1,)`` the largest, ``(0, -1)`` both ends).
+
+    Runs ``num_iters`` steps, fewer when the Krylov space becomes invariant (the Ritz values are then
+    exact) or, with ``tol``, when every wanted Ritz value is within ``tol`` (relative) of an eigenvalue.
     """
     if num_iters < 1:
         raise ValueError(f"Invalid num_iters: {num_iters}; it must be >= 1")
-    dim = start.numel()
-    num_iters = min(num_iters, dim)
-    basis = torch.zeros(num_iters, dim, dtype=start.dtype, device=start.device)
-    alphas, betas = [], []
-    vector = start / start.norm()
+    if tol is not None and not tol > 0:
+        raise ValueError(f"Invalid tol: {tol!r}; it must be a number > 0 (or None)")
+    num_iters = min(num_iters, numel(start))
+    basis: list[Vector] = []
+    alphas: list[float] = []
+    betas: list[float] = []
+    vector = normalized(start)
     for i in range(num_iters):
-        basis[i] = vector
+        basis.append(to_host(vector) if host_basis else vector)
         product = matvec(vector)
-        alpha = torch.dot(product, vector)
-        alphas.append(float(alpha))
-        for _ in range(2):
-            product = product - basis[:i + 1].T @ (basis[:i + 1] @ product)
-        beta = float(product.norm())
-        if i + 1 == num_iters or beta <= 1e-10 * max(1.0, max(abs(a) for a in alphas)):
+        alphas.append(dot(product, vector))
+        _orthogonalise(product, basis, host_basis)
+        beta = dot(product, product) ** 0.5
+        breakdown = beta <= 1e-10 * max(1.0, max(abs(a) for a in alphas))
+        if i + 1 == num_iters or breakdown:
             break
+        if tol is not None and len(alphas) > max(len(want), 1):
+            values, coefficients = torch.linalg.eigh(_tridiagonal(alphas, betas))
+            if _converged(values, coefficients, beta, want, tol):
+                break
         betas.append(beta)
-        vector = product / beta
-    size = len(alphas)
-    tridiagonal = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-    if size > 1:
-        off = torch.tensor(betas[:size - 1], dtype=torch.float64)
-        tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
-    values, coefficients = torch.linalg.eigh(tridiagonal)
-    vectors = coefficients.T.to(dtype=basis.dtype, device=basis.device) @ basis[:size]
-    return EigenPairs(values, vectors / vectors.norm(dim=1, keepdim=True))
+        vector = scaled(product, 1.0 / beta)
+    values, coefficients = torch.linalg.eigh(_tridiagonal(alphas, betas))
+    vectors = [_ritz_vector(basis, coefficients[:, index], start) for index in want if -len(values) <= index < len(values)]
+    return EigenPairs(values, vectors, len(alphas))
+
+
+def _ritz_vector(basis: Sequence[Vector], coefficients: Tensor, like: Vector) -> Vector:
+    """``sum_j c_j basis_j``, normalised, on the device of ``like``."""
+    total = [torch.zeros_like(t) for t in like]
+    for vector, coefficient in zip(basis, coefficients.tolist()):
+        add_(total, to_device(vector, like), coefficient)
+    return normalized(total)
 
 
 def default_lanczos_iters(k: int) -> int:
@@ -68,67 +124,90 @@ def default_lanczos_iters(k: int) -> int:
     return max(20, 3 * k + 10)
 
 
-def lanczos_extremes(matvec: MatVec, dim: int, k: int, which: str, generator: torch.Generator, like: Tensor,
-                     num_iters: int | None = None) -> EigenPairs:
-    """The ``k`` largest (``which="largest"``, descending) or smallest (ascending) eigenpairs."""
+def warm_start(previous: Sequence[Vector], like: Sequence[Tensor], generator: torch.Generator) -> Vector:
+    """A start vector near the span of ``previous`` (the last point's unit eigenvectors, summed) with a
+    fresh random direction of relative weight :data:`WARM_START_NOISE`; a random unit vector without them."""
+    fresh = random_unit(like, generator)
+    if not previous:
+        return fresh
+    total = to_device(previous[0], like)
+    for vector in previous[1:]:
+        total = combination(total, to_device(vector, like))
+    return combination(normalized(total), fresh, WARM_START_NOISE)
+
+
+def lanczos_extremes(matvec: MatVec, like: Sequence[Tensor], k: int, which: str, generator: torch.Generator,
+                     num_iters: int | None = None, previous: Sequence[Vector] = (), tol: float | None = None,
+                     host_basis: bool = False) -> EigenPairs:
+    """The ``k`` largest (``which="largest"``, descending) or smallest (ascending) eigenpairs.
+
+    ``previous``: eigenvectors of a nearby operator to start from (see :func:`warm_start`); ``tol``: stop
+    when the ``k`` Ritz values have converged to that relative accuracy (at most ``num_iters`` products).
+    """
     if which not in ("largest", "smallest"):
         raise ValueError(f"Invalid which: {which!r}; it must be 'largest' or 'smallest'")
     iters = num_iters if num_iters is not None else default_lanczos_iters(k)
-    pairs = lanczos(matvec, random_unit(dim, generator, like), iters)
+    want = [-1 - i for i in range(k)] if which == "largest" else list(range(k))
+    pairs = lanczos(matvec, warm_start(previous, like, generator), iters, want, tol, host_basis)
+    found = len(pairs.vectors)
     order = torch.arange(len(pairs.values))
-    order = order.flip(0)[:k] if which == "largest" else order[:k]
-    return EigenPairs(pairs.values[order], pairs.vectors[order])
+    order = order.flip(0)[:found] if which == "largest" else order[:found]
+    return EigenPairs(pairs.values[order], pairs.vectors, pairs.products)
 
 
-def power_iteration(matvec: MatVec, dim: int, generator: torch.Generator, like: Tensor, max_iters: int = 100,
-                    tol: float = 1e-4, shift: float = 0.0, deflate: Tensor | None = None) -> EigenPairs:
+def power_iteration(matvec: MatVec, like: Sequence[Tensor], generator: torch.Generator, max_iters: int = 100,
+                    tol: float = 1e-4, shift: float = 0.0, deflate: Sequence[Vector] = ()) -> EigenPairs:
     """The dominant (largest magnitude) eigenpair of ``A - shift I`` by power iteration.
 
     The returned eigenvalue is that of ``A`` (the shift added back).  ``deflate`` holds unit
-    vectors (rows) already found; the iteration stays orthogonal to them, giving the next one.
+    vectors already found; the iteration stays orthogonal to them, giving the next one.
     Stops when the Rayleigh quotient changes by less than ``tol`` relatively.
     """
-    vector = random_unit(dim, generator, like)
-    value = 0.0
+    vector = random_unit(like, generator)
+    value, products = 0.0, 0
     for _ in range(max_iters):
-        if deflate is not None and len(deflate):
-            vector = vector - deflate.T @ (deflate @ vector)
-            vector = vector / vector.norm()
-        product = matvec(vector) - shift * vector
-        new_value = float(torch.dot(vector, product))
-        norm = product.norm()
-        if float(norm) == 0.0:
+        if deflate:
+            for found, coefficient in zip(deflate, dots(list(deflate), vector).tolist()):
+                add_(vector, found, -coefficient)
+            vector = normalized(vector)
+        product = combination(matvec(vector), vector, -shift)
+        products += 1
+        new_value = dot(vector, product)
+        length = dot(product, product) ** 0.5
+        if length == 0.0:
             break
-        vector = product / norm
+        vector = scaled(product, 1.0 / length)
         converged = abs(new_value - value) <= tol * abs(new_value)
         value = new_value
         if converged:
             break
-    return EigenPairs(torch.tensor([value + shift], dtype=torch.float64), vector.unsqueeze(0))
+    return EigenPairs(torch.tensor([value + shift], dtype=torch.float64), [vector], products)
 
 
-def power_top_k(matvec: MatVec, dim: int, k: int, generator: torch.Generator, like: Tensor,
+def power_top_k(matvec: MatVec, like: Sequence[Tensor], k: int, generator: torch.Generator,
                 max_iters: int = 100, tol: float = 1e-4) -> EigenPairs:
     """The ``k`` largest-magnitude eigenpairs by power iteration with deflation.
 
     For a Hessian whose largest eigenvalue dominates (the usual case) they are the top ones;
     Lanczos is the accurate default.
     """
-    values, vectors = [], torch.zeros(0, dim, dtype=like.dtype, device=like.device)
+    values, vectors, products = [], [], 0
     for _ in range(k):
-        pair = power_iteration(matvec, dim, generator, like, max_iters, tol, deflate=vectors)
+        pair = power_iteration(matvec, like, generator, max_iters, tol, deflate=vectors)
         values.append(pair.values)
-        vectors = torch.cat([vectors, pair.vectors])
-    return EigenPairs(torch.cat(values), vectors)
+        vectors.extend(pair.vectors)
+        products += pair.products
+    return EigenPairs(torch.cat(values), vectors, products)
 
 
-def power_smallest(matvec: MatVec, dim: int, generator: torch.Generator, like: Tensor,
+def power_smallest(matvec: MatVec, like: Sequence[Tensor], generator: torch.Generator,
                    max_iters: int = 100, tol: float = 1e-4) -> EigenPairs:
     """The smallest algebraic eigenpair by shifted power iteration.
 
     First the dominant eigenvalue ``mu``; then the dominant one of ``A - |mu| I``, whose spectrum
     lies in ``[-2|mu|, 0]`` so that its dominant eigenvalue belongs to ``lambda_min``.
     """
-    dominant = power_iteration(matvec, dim, generator, like, max_iters, tol)
+    dominant = power_iteration(matvec, like, generator, max_iters, tol)
     shift = abs(float(dominant.values[0]))
-    return power_iteration(matvec, dim, generator, like, max_iters, tol, shift=shift)
+    low = power_iteration(matvec, like, generator, max_iters, tol, shift=shift)
+    return low._replace(products=dominant.products + low.products)

@@ -41,21 +41,18 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from adai_lightning.curvature.eigen import MatVec, lanczos_extremes
-from adai_lightning.curvature.hvp import flatten
+from adai_lightning.curvature.eigen import EigenPairs, MatVec, lanczos_extremes
+from adai_lightning.curvature.vectors import Vector
 
 
 class LinearisedStep(NamedTuple):
-    """Per element (flat, aligned with the parameters given): ``scale`` = S^2 and the coupled decay."""
+    """Per element, in the layout of the parameters given: ``scale`` = S^2 and the coupled decay;
+    ``uniform`` = ``(S^2, wd)`` when both are one number for every element (then no extra products are
+    needed), else None."""
 
-    scale: Tensor
-    decay: Tensor
-
-    def uniform(self) -> tuple[float, float] | None:
-        """``(S^2, wd)`` when both are the same for every element (then no extra products are needed)."""
-        if bool((self.scale == self.scale[0]).all()) and bool((self.decay == self.decay[0]).all()):
-            return float(self.scale[0]), float(self.decay[0])
-        return None
+    scale: Vector
+    decay: Vector
+    uniform: tuple[float, float] | None
 
 
 Rule = Callable[[dict[str, Any], float, Tensor, dict[str, Any]], tuple[Tensor | float, float]]
@@ -122,35 +119,43 @@ def linearised_step(optimizer: torch.optim.Optimizer, params: Sequence[Tensor],
     if len(lrs) != len(optimizer.param_groups):
         raise ValueError(f"Invalid lrs: {len(lrs)} values for {len(optimizer.param_groups)} param groups")
     owner = {id(p): (group, lr) for group, lr in zip(optimizer.param_groups, lrs) for p in group["params"]}
-    scales, decays = [], []
+    scales, decays, numbers = [], [], set()
     for param in params:
         if id(param) not in owner:
             scale, decay = 0.0, 0.0
         else:
             group, lr = owner[id(param)]
             scale, decay = rule(group, lr, param, optimizer.state.get(param, {}))
-        scales.append(torch.as_tensor(scale, dtype=param.dtype, device=param.device).expand_as(param))
+        if isinstance(scale, Tensor):
+            numbers.add(None)
+            scales.append(scale.to(param.dtype).expand_as(param))
+        else:
+            numbers.add((float(scale), float(decay)))
+            scales.append(torch.full_like(param, float(scale)))
         decays.append(torch.full_like(param, float(decay)))
-    return LinearisedStep(flatten(scales), flatten(decays))
+    return LinearisedStep(scales, decays, next(iter(numbers)) if len(numbers) == 1 else None)
 
 
-def stability_ratio(hessian: MatVec, step: LinearisedStep, generator: torch.Generator, like: Tensor,
-                    num_iters: int = 20, lambda_max: float | None = None) -> float:
+def stability_ratio(hessian: MatVec, step: LinearisedStep, generator: torch.Generator, like: Sequence[Tensor],
+                    num_iters: int = 20, lambda_max: float | None = None, previous: Sequence[Vector] = (),
+                    tol: float | None = None) -> EigenPairs:
     """``lambda_max(S (H + wd) S) / 2``: below 1 the optimizer's local iteration is stable.
 
-    With a uniform ``S^2`` and decay and a known ``lambda_max`` of ``H`` this is arithmetic; otherwise
-    Lanczos on the scaled operator (``num_iters`` Hessian-vector products).
+    Returned as ``EigenPairs``: the ratio (``values[0]``) and the top eigenvector of ``S (H + wd) S`` to
+    start from next time. With a uniform ``S^2`` and decay and a known ``lambda_max`` of ``H`` it is
+    arithmetic (no vector, no product); otherwise Lanczos on the scaled operator (at most ``num_iters``
+    Hessian-vector products, started from ``previous``, stopping at ``tol``, see
+    :func:`~adai_lightning.curvature.eigen.lanczos_extremes`).
     """
-    uniform = step.uniform()
-    if uniform is not None and lambda_max is not None:
-        scale, decay = uniform
-        return scale * (lambda_max + decay) / 2
-    root = step.scale.clamp(min=0).sqrt().to(like.dtype)
-    decay = step.decay.to(like.dtype)
+    if step.uniform is not None and lambda_max is not None:
+        scale, decay = step.uniform
+        return EigenPairs(torch.tensor([scale * (lambda_max + decay) / 2], dtype=torch.float64), [], 0)
+    roots = [s.clamp(min=0).sqrt().to(p.dtype) for s, p in zip(step.scale, like)]
+    decays = [d.to(p.dtype) for d, p in zip(step.decay, like)]
 
-    def scaled(vector: Tensor) -> Tensor:
-        inner = root * vector
-        return root * (hessian(inner) + decay * inner)
+    def scaled(vector: Vector) -> Vector:
+        inner = [root * v for root, v in zip(roots, vector)]
+        return [root * (hv + decay * v) for root, hv, decay, v in zip(roots, hessian(inner), decays, inner)]
 
-    top = lanczos_extremes(scaled, root.numel(), 1, "largest", generator, like, num_iters)
-    return float(top.values[0]) / 2
+    top = lanczos_extremes(scaled, like, 1, "largest", generator, num_iters, previous, tol)
+    return top._replace(values=top.values / 2)

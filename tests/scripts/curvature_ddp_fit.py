@@ -49,8 +49,8 @@ def main(out_path, tmp_dir):
         batches = [dataset[subsets[0][:8]], dataset[subsets[0][8:]]]
         operator = HessianOperator(list(module.parameters()),
                                    lambda b: nn.functional.cross_entropy(module.body(b[0]), b[1]), batches)
-        reference = lanczos_extremes(operator, operator.dim, 1, "largest", torch.Generator().manual_seed(0),
-                                     operator.params[0], 40).values[0]
+        reference = lanczos_extremes(operator, operator.params, 1, "largest", torch.Generator().manual_seed(0),
+                                     40).values[0]
         with open(out_path, "w") as handle:
             json.dump({"logged": logged, "reference": float(reference), "same_subset": subsets[0] == subsets[1]}, handle)
     if dist.is_initialized():
