@@ -230,6 +230,7 @@ def kill_and_resume(setting: dict, reference: Path, folder: Path, kill_point: Ca
     run = folder / "run"
     kill_when(start_fit(run_copy(setting, folder, slow_writes=signum == signal.SIGKILL), folder / "killed.log"),
               kill_point(run / "checkpoints"), delay, folder / "killed.log", signum=signum)
+    (folder / "left_after_kill.txt").write_text("\n".join(p.name for p in files(run / "checkpoints", ".*.tmp")))
     step = resume_step(run)
     fit_in_process(run_copy(setting, folder), "--ckpt_path", "last")
     return step, compare_runs(reference, run)
@@ -243,10 +244,11 @@ def assert_bitwise(step: int, deviations: dict[str, float]) -> None:
 def test_kill_inside_a_checkpoint_write_resumes_bitwise(fast_reference, tmp_path):
     """The default-run case: killed while ``last.ckpt`` of step 5 (the first epoch's last batch) is half
     written (its temporary file exists; the periodic checkpoint of step 5 is complete), resumed from
-    that periodic checkpoint."""
+    that periodic checkpoint, which removes the dead writer's temporary file."""
     step, deviations = kill_and_resume(FAST, fast_reference, tmp_path,
                                        lambda ckpts: writing(ckpts, "last.ckpt", after_step=5))
-    assert files(tmp_path / "run" / "checkpoints", ".*.tmp"), "the kill should leave the half-written file behind"
+    assert (tmp_path / "left_after_kill.txt").read_text(), "the kill should leave the half-written file behind"
+    assert not files(tmp_path / "run" / "checkpoints", ".*.tmp"), "the resumed fit removes the dead writer's file"
     assert step == 5
     assert_bitwise(step, deviations)
 
