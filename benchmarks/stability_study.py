@@ -88,7 +88,8 @@ class StudySharpness(HessianSharpness):
         metrics = super()._measure(trainer, operator)
         optimizer = trainer.optimizers[0]
         step = linearised_step(optimizer, operator.params, [float(lr) for lr in self._step_lrs])
-        pair = stability_ratio(operator, step, self.probe.generator(), operator.params, self._ratio_iters())
+        pair = stability_ratio(operator, step, self.probe.generator(), operator.params, self._ratio_iters(),
+                               tol=self.tol)
         root = flatten(step.scale).clamp(min=0).sqrt()
         mode = flatten(pair.vectors[0])
         inverse = torch.where(root > 0, 1 / root.clamp(min=1e-30), torch.zeros_like(root))

@@ -39,7 +39,9 @@ def _short_recipe(tmp_path, name):
     cadences = {"InertiaMonitor": {"every_n_train_steps": 2}, "SaddleEscapeMonitor": {"every_n_train_steps": 2},
                 "HessianSharpness": {"every_n_train_steps": 3, "num_samples": 128, "trace_samples": 6}}
     for callback in config["trainer"]["callbacks"]:
-        callback["init_args"].update(cadences.get(callback["class_path"].rpartition(".")[2], {}))
+        name = callback["class_path"].rpartition(".")[2]
+        if name in cadences:
+            callback.setdefault("init_args", {}).update(cadences[name])
     assert sum(c["class_path"].rpartition(".")[2] in cadences for c in config["trainer"]["callbacks"]) == 3
     recipe.write_text(yaml.safe_dump(config))
     return recipe
