@@ -333,8 +333,8 @@ def plot_stability(ax, metrics: Metrics) -> None:
     ax.axhline(1.0, color="C3", linestyle=":", label="edge of the frozen linearised step (1.0)")
     if all(v > 0 for v in ratio):
         ax.set_yscale("log")
-    ax.set_title("Stability ratio (1 = edge of the frozen last step; not a divergence alarm)")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title("Stability ratio\n(1 = edge of the frozen last step; not a divergence alarm)", fontsize=10)
+    ax.legend(fontsize=8, loc="lower left")
     plot_lr_beside(ax, metrics)
 
 
