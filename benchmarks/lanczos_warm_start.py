@@ -54,10 +54,10 @@ def relative(value: float, reference: float) -> float:
 class WarmColdProbe(pl.Callback):
     """At each cadence point, reference / cold / warm Lanczos runs on one operator, per ``tol`` and ``guard``."""
 
-    def __init__(self, tols: list[float], guards: list[int]) -> None:
+    def __init__(self, tols: list[float], guards: list[int], every: int | None = None) -> None:
         self.probe = HessianProbe("benchmark", 256, None, None, True, "raise", 0, keep_graphs=True, hvp="exact")
         self.settings = [(tol, guard) for tol in tols for guard in guards]
-        self.cadence = recipe_cadence()
+        self.cadence = {kind: every or steps for kind, steps in recipe_cadence().items()}
         self.previous: dict[tuple, list] = {}
         self.rows: list[dict] = []
 
@@ -127,13 +127,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tols", nargs="+", type=float, default=[1e-4])
     parser.add_argument("--guards", nargs="+", type=int, default=[1])
+    parser.add_argument("--every", type=int, help="both callbacks' cadence in steps (default: the recipe's)")
     parser.add_argument("--max-epochs", type=int, default=15)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
         cli = AdaiCLI(args=["--config", str(RECIPE), f"--trainer.default_root_dir={root}",
                             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
                             "--trainer.callbacks=[]", f"--trainer.max_epochs={args.max_epochs}"], run=False)
-        probe = WarmColdProbe(args.tols, args.guards)
+        probe = WarmColdProbe(args.tols, args.guards, args.every)
         cli.trainer.callbacks.append(probe)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     report(probe.rows)
