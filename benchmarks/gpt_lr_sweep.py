@@ -32,9 +32,9 @@ from adai_lightning import compare, report  # noqa: E402
 RECIPE = ROOT / "recipes" / "gpt_tiny.yaml"
 STEPS_PER_EPOCH = 50  # the recipe's limit_train_batches
 GRID = {
-    "Adai": ("adai_lightning.Adai", {}, (0.1, 0.3, 1.0)),
-    "SGD": ("torch.optim.SGD", {"momentum": 0.9}, (0.01, 0.03, 0.1)),
-    "AdamW": ("torch.optim.AdamW", {}, (1e-3, 3e-3, 1e-2)),
+    "Adai": ("adai_lightning.Adai", {}, (0.03, 0.1, 0.3, 1.0)),
+    "SGD": ("torch.optim.SGD", {"momentum": 0.9}, (0.01, 0.03, 0.1, 0.3)),
+    "AdamW": ("torch.optim.AdamW", {}, (3e-4, 1e-3, 3e-3, 1e-2)),
 }
 
 
@@ -65,7 +65,7 @@ def main() -> None:
     seeds = [int(s) for s in options.seeds.split(",")]
     runs: dict[tuple[str, float], list[Path]] = {}
     print("| optimizer | lr | seed | final val/loss | val/ppl | seconds |\n| --- | --- | --- | --- | --- | --- |")
-    for level in (1, 0, 2):  # the usual lrs first
+    for level in (1, 2, 0, 3):  # the usual lrs first
         for name, (_, _, lrs) in GRID.items():
             for seed in seeds:
                 started = time.time()
