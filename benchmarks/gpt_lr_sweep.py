@@ -1,12 +1,13 @@
 """The learning-rate sweep and optimizer comparison of ``recipes/gpt_tiny.yaml`` (docs/claims.md).
 
-    python benchmarks/gpt_lr_sweep.py --data.batch_size 16        # 9 fits of 100 steps (extra args go to every fit)
+    python benchmarks/gpt_lr_sweep.py --data.batch_size 16        # 12 fits of 100 steps (extra args go to every fit)
     python benchmarks/gpt_lr_sweep.py --steps 200 --seeds 0,1 --out runs/gpt_sweep
 
 Fits the recipe (its cosine schedule over ``--steps``, validation every 50 steps, then a test) with
-each optimizer at three learning rates half a decade apart, centred on the usual values (Adai: the
-recipe's range; SGD-momentum 0.9: Adai's lr x (1 - 0.9), the paper's correspondence; AdamW, torch's
-defaults otherwise: around 3e-3, common for models this small), the middle lrs of all three first.
+each optimizer at four learning rates half a decade apart around the usual values (Adai: the recipe's
+range; SGD-momentum 0.9: Adai's lr x (1 - 0.9), the paper's correspondence; AdamW, torch's defaults
+otherwise: around 1e-3, common for models this small), the inner lrs of all three first, so that each
+optimizer's best lr can be seen to lie inside its bracket.
 The monitoring callbacks are off except one ``HessianSharpness`` measurement (lambda_max and the
 stability ratio) at the last step. Prints a row per fit (final ``val/loss``, ``val/ppl``), then, for each
 optimizer's lr with the lowest mean final ``val/loss`` (the test split plays no part in the choice),
