@@ -9,14 +9,16 @@ tokens), ``resnet18`` torchvision's ResNet-18 (batch 8 by default: CPU time). Th
 ``hvp="exact"`` in float32 (math SDPA kernel). Each precision then runs ``hvp="exact"`` (math
 kernel) and ``hvp="finite_difference"`` (the kernel torch picks) from the same start vector and
 probes: ``iters`` Lanczos steps (lambda_max and lambda_min of one run), a ``trace-samples``-probe
-Hutchinson trace, and one product ``H v`` with a fixed random ``v``. ``bf16-mixed`` computes the loss
-under ``torch.autocast("cpu", torch.bfloat16)`` as Lightning's ``bf16-mixed`` training step does (the
-finite differences then run with autocast off, said in a warning). Printed: the reference values and
-each computation's relative error against them.
+Hutchinson trace, and one product ``H v`` with a fixed random ``v``. ``bf16-mixed`` runs all of it
+under ``torch.autocast("cpu", torch.bfloat16)`` (what a probe called inside Lightning's ``bf16-mixed``
+training step would see; the callbacks' own probe runs outside it, in float32): exact products in
+bfloat16 autocast, finite differences with autocast turned off (said in a warning, silenced here).
+Printed: the reference values and each computation's relative error against them.
 
-``--rel-steps``: instead, the relative error of the one product ``H v`` in float32 for each relative
-step ``r`` (``eps = r (1 + |theta|) / |v|``), to fit the error model ``A r^2 + B u / r``; ``default``
-marks the library's step.
+``--rel-steps``: instead, the relative error of one product ``H v`` in float32 for each relative
+step ``r`` (see ``finite_difference_step``), with the fixed random ``v`` and with the top eigenvector
+of ``iters`` exact Lanczos steps (the direction lambda_max is read along), to fit the error model
+``A r^2 + B u / r``; ``default`` marks the library's step.
 """
 
 from __future__ import annotations
@@ -37,14 +39,13 @@ PRECISIONS = ("fp32", "bf16-mixed")
 CURVES = ("lambda_max", "lambda_min", "trace", "product")
 
 
-def operator_for(name: str, batch: int, hvp: str, precision: str, rel_step: float | None = None) -> HessianOperator:
-    """A fresh (seeded) model's operator on its one batch; the loss under the precision's autocast."""
+def operator_for(name: str, batch: int, hvp: str, rel_step: float | None = None) -> HessianOperator:
+    """A fresh (seeded) model's operator on its one batch."""
     model, data = build(name, batch, "train")
     kernel = sdpa_kernel(SDPBackend.MATH) if hvp == "exact" else contextlib.nullcontext()
 
     def loss_fn(pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
-        with kernel, autocast:
+        with kernel:
             return cross_entropy(model, pair)
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -59,7 +60,8 @@ def fixed_vector(operator: HessianOperator) -> list[torch.Tensor]:
 
 def measure(name: str, batch: int, hvp: str, precision: str, iters: int, trace_samples: int) -> dict[str, object]:
     """lambda_max, lambda_min, the trace and one product ``H v`` (flat) with one way of taking products."""
-    with operator_for(name, batch, hvp, precision) as operator, warnings.catch_warnings():
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+    with operator_for(name, batch, hvp) as operator, autocast, warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # "autocast turned off": said in the docstring
         product = flatten(operator(fixed_vector(operator))).double()
         pairs = lanczos(operator, warm_start([], operator.params, torch.Generator().manual_seed(0)), iters, (0, -1))
@@ -94,19 +96,22 @@ def accuracy_table(models: list[str], precisions: list[str], iters: int, trace_s
             print(f"| {name} (batch {size}) | {precision} | " + " | ".join(cells) + " |", flush=True)
 
 
-def step_sweep(models: list[str], rel_steps: list[float], batch: int | None) -> None:
+def step_sweep(models: list[str], rel_steps: list[float], batch: int | None, iters: int) -> None:
     default = STEP_FACTOR * torch.finfo(torch.float32).eps ** (1 / 3)
-    print("| model | relative step r | relative error of H v |")
-    print("|---|---:|---:|")
+    print("| model | relative step r | error of H v, random v | error of H v, top eigenvector v |")
+    print("|---|---:|---:|---:|")
     for name in models:
         size = batch or (8 if name == "resnet18" else DEFAULT_BATCH[name])
-        with operator_for(name, size, "exact", "fp32") as operator:
-            reference = flatten(operator(fixed_vector(operator))).double()
+        with operator_for(name, size, "exact") as operator:
+            start = warm_start([], operator.params, torch.Generator().manual_seed(0))
+            vectors = [fixed_vector(operator), lanczos(operator, start, iters, (-1,)).vectors[-1]]
+            references = [flatten(operator(vector)).double() for vector in vectors]
         for step in sorted(rel_steps + [default]):
-            with operator_for(name, size, "finite_difference", "fp32", step) as operator:
-                product = flatten(operator(fixed_vector(operator))).double()
+            with operator_for(name, size, "finite_difference", step) as operator:
+                errors = [relative_error(flatten(operator(vector)).double(), reference)
+                          for vector, reference in zip(vectors, references)]
             label = f"{step:.2e}" + (" (default)" if step == default else "")
-            print(f"| {name} | {label} | {relative_error(product, reference):.2e} |", flush=True)
+            print(f"| {name} | {label} | {errors[0]:.2e} | {errors[1]:.2e} |", flush=True)
 
 
 def main() -> None:
@@ -121,7 +126,7 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     if args.rel_steps:
-        step_sweep(args.models, args.rel_steps, args.batch)
+        step_sweep(args.models, args.rel_steps, args.batch, args.iters)
     else:
         accuracy_table(args.models, args.precisions, args.iters, args.trace_samples, args.batch)
 

@@ -84,6 +84,9 @@ def test_finite_difference_step_follows_dtype_and_norms():
     assert finite_difference_step(params, vector, rel_step=1e-2) == pytest.approx(1e-2 * 5)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # finite differences run with autocast off
         assert finite_difference_step(params, vector) == pytest.approx(default)
+    # v on the small weights only: the step is relative to them (|theta_2| = 0.04, |v_2| = 1), not to |theta|
+    params, vector = [torch.ones(100), torch.full((4,), 0.02)], [torch.zeros(100), torch.full((4,), 0.5)]
+    assert finite_difference_step(params, vector, rel_step=1e-2) == pytest.approx(1e-2 * (1 + 0.04))
 
 
 def _product_error(params, loss_fn, batches, dense, rel_step=None):
@@ -95,15 +98,15 @@ def _product_error(params, loss_fn, batches, dense, rel_step=None):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_finite_difference_error_follows_the_error_model(dtype):
-    """Error ~ A r^2 + B u / r: about u^(2/3) at the default r = STEP_FACTOR u^(1/3), the bottom of the valley
-    (measured on this MLP: 0.94 u^(2/3) in float64, 1.2 u^(2/3) in float32; the former r = u^(1/3): 15x more)."""
+    """Error ~ A r^2 + B u / r: about u^(2/3) at the default r = STEP_FACTOR u^(1/3), near the bottom of the
+    valley (measured on this MLP: 1.6 u^(2/3) in float64, 2.2 in float32; at r = u^(1/3), the former step, 15)."""
     problem = _problem(dtype=dtype)
     u = torch.finfo(dtype).eps
     default = STEP_FACTOR * u ** (1 / 3)
     error = _product_error(*problem)
-    assert error < 2 * u ** (2 / 3)
-    assert _product_error(*problem, rel_step=default / 10) > 1.5 * error  # rounding: B u / r
-    assert _product_error(*problem, rel_step=default * 5) > 5 * error  # truncation: A r^2
+    assert error < 2.5 * u ** (2 / 3)
+    assert _product_error(*problem, rel_step=default / 10) > 3 * error  # rounding: B u / r
+    assert _product_error(*problem, rel_step=default * 10) > 3 * error  # truncation: A r^2
 
 
 def test_finite_difference_under_bf16_autocast_runs_in_float32_and_says_so_once():
@@ -116,15 +119,25 @@ def test_finite_difference_under_bf16_autocast_runs_in_float32_and_says_so_once(
     assert len(record) == 1
     assert all(torch.equal(product, plain) for product in products)  # the float32 product, bitwise
     exact = dense @ flatten(vector).double()
-    assert float((plain.double() - exact).norm() / exact.norm()) < 2 * torch.finfo(torch.float32).eps ** (2 / 3)
+    assert float((plain.double() - exact).norm() / exact.norm()) < 2.5 * torch.finfo(torch.float32).eps ** (2 / 3)
 
 
-def test_finite_difference_refuses_a_loss_computed_in_16_bits():
-    params, loss_fn, batches, _ = _problem(dtype=torch.bfloat16)
+def _autocast_inside(loss_fn):
+    def inner(batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return loss_fn(batch).float()  # a float32 loss of a bfloat16 forward: seen in the saved tensors
+    return inner
+
+
+@pytest.mark.parametrize("where", ["bfloat16 parameters", "autocast inside loss_fn"])
+def test_finite_difference_refuses_a_loss_computed_in_16_bits(where):
+    params, loss_fn, batches, _ = _problem(dtype=torch.bfloat16 if where == "bfloat16 parameters" else torch.float32)
+    loss_fn = _autocast_inside(loss_fn) if where == "autocast inside loss_fn" else loss_fn
     before = [p.detach().clone() for p in params]
     with pytest.raises(RuntimeError, match="need the loss in float32 or float64, got torch.bfloat16"):
         HessianOperator(params, loss_fn, batches, hvp="finite_difference")(_random_vector(params))
     assert all(torch.equal(p, b) for p, b in zip(params, before))
+    HessianOperator(params, loss_fn, batches, hvp="exact")(_random_vector(params))  # exact products still run
 
 
 def test_auto_is_exact_when_a_double_backward_exists():

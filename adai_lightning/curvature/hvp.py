@@ -12,18 +12,26 @@ product (``hvp=``):
   of two ordinary gradients (a forward and a backward per batch each): it runs wherever the model
   can run a backward (fused attention kernels, ``once_differentiable`` functions, compiled code as
   compiled). The parameters are moved in place for the two gradients and restored bitwise from a
-  saved copy afterwards (one copy of the parameters, not an add/subtract). The step is
-  ``eps = r (1 + |theta|) / |v|``, the weights move by ``r`` of ``1 + |theta|``. *Error model*
+  saved copy afterwards (one copy of the parameters, not an add/subtract). The step moves the
+  weights ``v`` touches by about ``r`` of their own size (``r (1 + |theta|) / |v|`` for a ``v`` spread
+  over all of them; :func:`finite_difference_step`). *Error model*
   (relative error of a product): truncation ``A r^2`` (the third derivative, ``eps^2 |D^3 L[v, v, .]| / 6``)
   plus rounding ``B u / r`` of the two gradients (``u`` the parameters' machine epsilon), smallest at
-  ``r* = (B u / 2A)^(1/3)``. Measured (``benchmarks/hvp_accuracy.py --rel-steps``, smooth GPT-style
-  model, float32): A ~ 16, B ~ 0.3, so ``r* ~ 0.2 u^(1/3)``: the default ``r = STEP_FACTOR u^(1/3)``
-  (1e-3 in float32, 1.2e-6 in float64), about ``u^(2/3)`` relative error (5e-5 in float32). A kink
+  ``r* = (B u / 2A)^(1/3)``. ``A`` depends on the direction. Measured (``benchmarks/hvp_accuracy.py
+  --rel-steps``, the GPT recipe's model, float32): a random ``v`` has A ~ 48, B ~ 0.48 (r* = 8.4e-4),
+  its top eigenvector (along which Lanczos reads lambda_max) A ~ 800, B ~ 0.18 (r* = 2.3e-4). The
+  default ``r = STEP_FACTOR u^(1/3)`` (4.9e-4 in float32, 6e-7 in float64) sits between: products
+  within ~2e-4 in both directions in float32 (1.2e-4, 2.1e-4; at the former ``r = u^(1/3)``: 1.2e-3,
+  2.0e-2, and the former global scale ``(1 + |theta|) / |v|`` made the top-eigenvector step 56x larger
+  still: 25 % at r = 1e-3); on a tanh
+  MLP ``1.6 u^(2/3)`` in float64, ``2.2 u^(2/3)`` in float32 (``tests/test_curvature_products.py``). A kink
   (ReLU, max-pool) within ``eps v`` is not in this model: there the difference is no Hessian product
   at any step (see docs/callbacks-curvature.md). 16 bits are refused: under an active bfloat16/float16
   autocast the two gradients run with autocast off (one RuntimeWarning; autocast's cache of cast
-  weights would also hide the step), and a loss computed in 16 bits (a model cast to bfloat16) raises
-  a RuntimeError: ``u^(1/3)`` of bfloat16 is 20 % of the weights, no step resolves a product there.
+  weights would also hide the step), and a loss computed in 16 bits (a model cast to bfloat16, an
+  autocast inside ``loss_fn``: seen in the loss's dtype and, by a saved-tensors hook, in the dtypes
+  the forward saves for its backward) raises a RuntimeError: ``u^(1/3)`` of bfloat16 is 20 % of the
+  weights, no step resolves a product there.
 - ``"auto"`` (default): exact; if the first exact product fails (an operation without double
   backward), finite differences from then on, said once in a warning naming the cause.
 
@@ -61,7 +69,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from adai_lightning.curvature.vectors import Vector, is_sharded, norm, numel
+from adai_lightning.curvature.vectors import Vector, is_sharded, numel, squared_norms
 
 LossFn = Callable[[Any], Tensor]
 Reduce = Callable[[Vector], Vector]
@@ -70,7 +78,7 @@ HVP_MODES = ("exact", "finite_difference", "auto")
 
 
 #: The finite-difference step relative to ``1 + |theta|`` is ``STEP_FACTOR u^(1/3)`` (see the error model).
-STEP_FACTOR = 0.2
+STEP_FACTOR = 0.1
 #: Dtypes in which finite differences are refused (their autocast is turned off for the two gradients).
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -105,12 +113,23 @@ def check_twice_differentiable(grads: Sequence[Tensor | None]) -> None:
 
 
 def finite_difference_step(params: Sequence[Tensor], vector: Sequence[Tensor], rel_step: float | None = None) -> float:
-    """``eps = rel_step (1 + |theta|) / |v|``; ``rel_step`` defaults to ``STEP_FACTOR u^(1/3)``, ``u`` the
-    machine epsilon of the parameters' dtype (see the module docstring for the error model)."""
+    """``eps = rel_step (1 / |v| + rms_v(theta) / rms_v(v))``; ``rel_step`` defaults to ``STEP_FACTOR u^(1/3)``,
+    ``u`` the machine epsilon of the parameters' dtype (see the module docstring for the error model).
+
+    ``rms_v(x)^2 = sum_t w_t |x_t|^2 / n_t`` over the parameter tensors ``t`` (``n_t`` entries), weighted
+    by ``v``'s share ``w_t = |v_t|^2 / |v|^2`` of each: the step moves the weights ``v`` touches by about
+    ``rel_step`` of their own size. For a ``v`` spread over every tensor this is ``rel_step (1 + |theta|) / |v|``;
+    for one concentrated on small weights (the GPT recipe's top eigenvector lies on 0.02-scale weights, while
+    its LayerNorm gains make 26 of |theta| = 27.8) that global step was 56x too large (25 % error)."""
     if rel_step is None:
         rel_step = STEP_FACTOR * torch.finfo(params[0].dtype).eps ** (1 / 3)
-    length = norm(vector)
-    return rel_step * (1.0 + norm(params)) / length if length > 0 else 0.0
+    shares, weights = squared_norms(vector), squared_norms(params)
+    length = float(shares.sum()) ** 0.5
+    if length == 0:
+        return 0.0
+    sizes = torch.tensor([float(p.numel()) for p in params], dtype=torch.float64)
+    seen = float((shares * weights / sizes).sum() / (shares.square() / sizes).sum()) ** 0.5
+    return rel_step * (1.0 / length + seen)
 
 
 def without_low_precision_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
@@ -171,6 +190,7 @@ class HessianOperator:
         self._graphs: list[Grads] = []
         self._versions: list[int] = []
         self._loss_dtype: torch.dtype | None = None
+        self._saved_dtypes: set[torch.dtype] = set()
         self._warned_autocast = False
 
     def __enter__(self) -> HessianOperator:
@@ -286,10 +306,15 @@ class HessianOperator:
                           "moved parameters", RuntimeWarning, stacklevel=4)
         return context
 
+    def _note_saved(self, tensor: Tensor) -> Tensor:
+        """A saved-tensors pack hook: notes the dtype of every tensor the forward saves for its backward."""
+        self._saved_dtypes.add(tensor.dtype)
+        return tensor
+
     def _check_precision(self) -> None:
-        """Refuse a loss computed in 16 bits (parameters cast to bfloat16/float16)."""
-        dtypes = {self._loss_dtype} | {p.dtype for p in self.params}
-        low = sorted(str(d) for d in dtypes & set(LOW_PRECISION))
+        """Refuse a loss computed in 16 bits: a 16-bit loss, or 16-bit tensors saved for the backward (parameters
+        cast to bfloat16/float16, an autocast entered inside ``loss_fn``)."""
+        low = sorted(str(d) for d in ({self._loss_dtype} | self._saved_dtypes) & set(LOW_PRECISION))
         if low:
             raise RuntimeError(f"finite-difference Hessian products need the loss in float32 or float64, got "
                                f"{', '.join(low)} (parameters or loss): a 16-bit step cannot resolve a Hessian product; "
@@ -303,7 +328,8 @@ class HessianOperator:
         saved = [p.detach().clone() for p in self.params]
         try:
             gradients = []
-            with self._full_precision():
+            self._saved_dtypes = set()
+            with self._full_precision(), torch.autograd.graph.saved_tensors_hooks(self._note_saved, lambda t: t):
                 for sign in (1.0, -1.0):
                     with torch.no_grad():
                         for param, original, direction in zip(self.params, saved, tangent):
