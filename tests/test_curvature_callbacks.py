@@ -200,7 +200,7 @@ def test_bf16_mixed_probe_runs_in_float32_and_finite_differences_match_exact(tmp
         values[hvp] = column(read_metrics(trainer), "sharpness/lambda_max")
     assert [s for s, _ in values["finite_difference"]] == [s for s, _ in values["exact"]] and len(values["exact"]) == 2
     for (_, value), (_, target) in zip(values["finite_difference"], values["exact"]):
-        assert value == pytest.approx(target, rel=1e-4)
+        assert value == pytest.approx(target, rel=3e-5)  # measured 6.6e-6 and 1.1e-6
 
 
 def test_finite_differences_on_a_bf16_model_disable_the_callback_with_one_warning(tmp_path):
