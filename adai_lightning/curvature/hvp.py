@@ -22,9 +22,9 @@ product (``hvp=``):
   its top eigenvector (along which Lanczos reads lambda_max) A ~ 800, B ~ 0.18 (r* = 2.3e-4). The
   default ``r = STEP_FACTOR u^(1/3)`` (4.9e-4 in float32, 6e-7 in float64) sits between: products
   within ~2e-4 in both directions in float32 (1.2e-4, 2.1e-4; at the former ``r = u^(1/3)``: 1.2e-3,
-  2.0e-2, and the former global scale ``(1 + |theta|) / |v|`` made the top-eigenvector step 56x larger
-  still: 25 % at r = 1e-3); on a tanh
-  MLP ``1.6 u^(2/3)`` in float64, ``2.2 u^(2/3)`` in float32 (``tests/test_curvature_products.py``). A kink
+  2.0e-2; the former global scale ``(1 + |theta|) / |v|`` made the top-eigenvector step 56x larger
+  still: 25 % at r = 1e-3); on a tanh MLP ``1.6 u^(2/3)`` in float64, ``2.2 u^(2/3)`` in float32
+  (``tests/test_curvature_products.py``). A kink
   (ReLU, max-pool) within ``eps v`` is not in this model: there the difference is no Hessian product
   at any step (see docs/callbacks-curvature.md). 16 bits are refused: under an active bfloat16/float16
   autocast the two gradients run with autocast off (one RuntimeWarning; autocast's cache of cast
@@ -330,10 +330,10 @@ class HessianOperator:
             gradients = []
             self._saved_dtypes = set()
             with self._full_precision(), torch.autograd.graph.saved_tensors_hooks(self._note_saved, lambda t: t):
-                for sign in (1.0, -1.0):
+                for move in (eps, -2 * eps):  # to theta + eps v, then on to theta - eps v: one pass each
                     with torch.no_grad():
-                        for param, original, direction in zip(self.params, saved, tangent):
-                            param.copy_(original).add_(direction, alpha=sign * eps)
+                        for param, direction in zip(self.params, tangent):
+                            param.add_(direction, alpha=move)
                     gradients.append(self._local_gradient())
                     self._check_precision()
         finally:
