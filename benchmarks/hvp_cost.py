@@ -81,9 +81,12 @@ def cross_entropy(model: nn.Module, pair: tuple[torch.Tensor, torch.Tensor]) -> 
 def timings(name: str, batch: int, mode: str, rounds: int, device: str = "cpu") -> dict[str, float]:
     """Median seconds of each computation over interleaved rounds, and the reused/fresh agreement.
 
-    On CUDA every timed call ends with a synchronisation, so device work is counted."""
+    On CPU the clock is the process's CPU time (with one thread, the work done, whatever the machine's
+    load); on CUDA wall time, every timed call ending with a synchronisation, so device work is counted."""
     model, data = build(name, batch, mode, device)
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    cuda = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    clock = time.perf_counter if cuda else time.process_time  # CPU: process time, independent of the load
 
     def loss_fn(pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         return cross_entropy(model, pair)
@@ -101,18 +104,18 @@ def timings(name: str, batch: int, mode: str, rounds: int, device: str = "cpu") 
     def first() -> float:
         reused.release()
         sync()
-        start = time.perf_counter()
+        start = clock()
         reused(vector)
         sync()
-        return time.perf_counter() - start
+        return clock() - start
 
     def timed(run: Callable[[], object]) -> Callable[[], float]:
         def measure() -> float:
             sync()
-            start = time.perf_counter()
+            start = clock()
             run()
             sync()
-            return time.perf_counter() - start
+            return clock() - start
         return measure
 
     runs = {
@@ -158,7 +161,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.device}, {args.threads} threads, {args.rounds} rounds (medians)\n")
+    clock = "wall" if torch.device(args.device).type == "cuda" else "process CPU"
+    print(f"torch {torch.__version__}, {args.device}, {args.threads} threads, {args.rounds} rounds (medians of "
+          f"{clock} time)\n")
     print("| model | mode | batch | forward+backward ms | finite difference ms (x) | HVP from scratch ms (x) "
           "| graph build ms (x) "
           "| reused HVP ms (x) | per product, k=1 ms (x) "
