@@ -148,7 +148,7 @@ class HessianOperator:
     the epoch-mean loss of a loader does).  Under ``reduce`` a rank may hold no batch (it
     contributes zeros).  Vectors are lists of tensors shaped like ``params`` (their dtype and device).
     ``hvp``: "exact", "finite_difference" or "auto" (see the module docstring); ``rel_step``: the
-    finite-difference step relative to ``1 + |theta|`` (default: ``STEP_FACTOR u^(1/3)``).
+    finite-difference step relative to the weights ``v`` touches (default: ``STEP_FACTOR u^(1/3)``).
     ``reuse_graph``: True keeps every batch's first-order graph across exact products, False rebuilds
     it for each product, None (default) keeps it when there is a single batch.  Use the operator
     as a context manager (or call ``release()``) to free kept graphs.
