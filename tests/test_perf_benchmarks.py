@@ -52,15 +52,6 @@ def test_callback_overhead_runs_with_and_without_callbacks():
 
 
 @pytest.mark.slow
-def test_hvp_cost_runs_and_reused_products_agree():
-    out = _run("hvp_cost.py", "--models", "small", "--rounds", "1")
-    rows = [line for line in out.splitlines() if line.startswith("| small |")]
-    assert len(rows) == 2  # eval and train mode
-    for row in rows:
-        assert float(row.strip(" |").split("|")[-1]) < 1e-6  # the kept graph gives the from-scratch product
-
-
-@pytest.mark.slow
 def test_hvp_accuracy_runs_and_bf16_mixed_finite_differences_are_the_float32_ones():
     out = _run("hvp_accuracy.py", "--models", "small", "--iters", "4", "--trace-samples", "2")
     rows = {line.split("|")[2].strip(): [cell.strip() for cell in line.strip(" |").split("|")]
@@ -73,3 +64,13 @@ def test_hvp_accuracy_runs_and_bf16_mixed_finite_differences_are_the_float32_one
     sweep = _run("hvp_accuracy.py", "--models", "small", "--rel-steps", "1e-3")
     assert sum(line.startswith("| small |") for line in sweep.splitlines()) == 2
     assert "(default)" in sweep
+
+
+@pytest.mark.slow
+def test_hvp_cost_runs_and_reused_products_agree():
+    out = _run("hvp_cost.py", "--models", "small", "--rounds", "1")
+    rows = [line for line in out.splitlines() if line.startswith("| small |")]
+    assert len(rows) == 2  # eval and train mode
+    for row in rows:
+        assert float(row.strip(" |").split("|")[-1]) < 1e-6  # the kept graph gives the from-scratch product
+
