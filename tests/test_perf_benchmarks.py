@@ -73,4 +73,3 @@ def test_hvp_cost_runs_and_reused_products_agree():
     assert len(rows) == 2  # eval and train mode
     for row in rows:
         assert float(row.strip(" |").split("|")[-1]) < 1e-6  # the kept graph gives the from-scratch product
-
