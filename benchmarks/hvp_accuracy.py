@@ -1,103 +1,134 @@
-"""Finite-difference Hessian-vector products against exact ones: accuracy of the curves and cost per product.
+"""Finite-difference Hessian-vector products against exact float32 ones: the curves' error, and the step sweep.
 
-    PYTHONPATH=. python benchmarks/hvp_accuracy.py [--models small resnet18 gpt] [--iters 20] 2>/dev/null
+    OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/hvp_accuracy.py [--models small gpt resnet18] \
+        [--precisions fp32 bf16-mixed] [--iters 20] [--trace-samples 10] [--rel-steps 1e-4 3e-4 1e-3 ...] 2>/dev/null
 
-For each model (one batch: ``small`` is the default recipe's ``SmallConvNet`` on (64, 1, 8, 8),
-``resnet18`` torchvision's ResNet-18 on (16, 3, 32, 32), both built by ``benchmarks/hvp_cost.py`` in
-train mode; ``gpt`` a 2-layer GPT-style model with ``F.scaled_dot_product_attention`` on 8 x 32
-random tokens) and each precision (float32, and bfloat16 autocast around the whole computation),
-the same computations run with ``hvp="exact"`` (math SDPA kernel: the fused one has no double
-backward) and ``hvp="finite_difference"`` (the default SDPA kernel), from the same start vector and
-probes: ``iters`` Lanczos steps (lambda_max and lambda_min from one run) and a 10-probe Hutchinson
-trace. Printed: each value, the relative difference finite-difference vs exact, and the seconds per
-product of each (Lanczos products; the first exact product builds the kept graph, which later ones
-reuse).
+Models and their one batch come from ``benchmarks/hvp_cost.py`` (train mode): ``small`` the default
+recipe's ``SmallConvNet`` (batch 64), ``gpt`` the GPT recipe's ``TinyGPT`` (SDPA, 8 windows of 64
+tokens), ``resnet18`` torchvision's ResNet-18 (batch 8 by default: CPU time). The reference is
+``hvp="exact"`` in float32 (math SDPA kernel). Each precision then runs ``hvp="exact"`` (math
+kernel) and ``hvp="finite_difference"`` (the kernel torch picks) from the same start vector and
+probes: ``iters`` Lanczos steps (lambda_max and lambda_min of one run), a ``trace-samples``-probe
+Hutchinson trace, and one product ``H v`` with a fixed random ``v``. ``bf16-mixed`` runs all of it
+under ``torch.autocast("cpu", torch.bfloat16)`` (what a probe called inside Lightning's ``bf16-mixed``
+training step would see; the callbacks' own probe runs outside it, in float32): exact products in
+bfloat16 autocast, finite differences with autocast turned off (said in a warning, silenced here).
+Printed: the reference values and each computation's relative error against them.
+
+``--rel-steps``: instead, the relative error of one product ``H v`` in float32 for each relative
+step ``r`` (see ``finite_difference_step``), with the fixed random ``v`` and with the top eigenvector
+of ``iters`` exact Lanczos steps (the direction lambda_max is read along), to fit the error model
+``A r^2 + B u / r``; ``default`` marks the library's step.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import time
+import warnings
 
 import torch
-from torch import nn
-from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from adai_lightning.curvature import HessianOperator, hutchinson_trace, lanczos
-from adai_lightning.curvature.eigen import warm_start
-from benchmarks.hvp_cost import build
+from adai_lightning.curvature import HessianOperator, flatten, hutchinson_trace, unflatten
+from adai_lightning.curvature.eigen import lanczos, warm_start
+from adai_lightning.curvature.hvp import STEP_FACTOR
+from benchmarks.hvp_cost import DEFAULT_BATCH, MODELS, build, cross_entropy
+
+PRECISIONS = ("fp32", "bf16-mixed")
+CURVES = ("lambda_max", "lambda_min", "trace", "product")
 
 
-class TinyGPT(nn.Module):
-    """Token and position embeddings, ``layers`` pre-norm blocks (SDPA causal attention, GELU MLP), a tied head."""
-
-    def __init__(self, vocab: int = 128, width: int = 64, heads: int = 4, layers: int = 2, length: int = 32) -> None:
-        super().__init__()
-        self.heads = heads
-        self.embed, self.position = nn.Embedding(vocab, width), nn.Embedding(length, width)
-        self.blocks = nn.ModuleList(nn.ModuleDict({"norm1": nn.LayerNorm(width), "qkv": nn.Linear(width, 3 * width),
-                                                   "out": nn.Linear(width, width), "norm2": nn.LayerNorm(width),
-                                                   "mlp": nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(),
-                                                                        nn.Linear(4 * width, width))})
-                                    for _ in range(layers))
-        self.norm = nn.LayerNorm(width)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        batch, length = tokens.shape
-        x = self.embed(tokens) + self.position(torch.arange(length))
-        for block in self.blocks:
-            q, k, v = block["qkv"](block["norm1"](x)).view(batch, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-            attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            x = x + block["out"](attended.transpose(1, 2).reshape(batch, length, -1))
-            x = x + block["mlp"](block["norm2"](x))
-        return self.norm(x) @ self.embed.weight.T
-
-
-def problem(name: str) -> tuple[nn.Module, callable]:
-    """The model and ``loss_fn(batch)`` on its one batch."""
-    if name == "gpt":
-        torch.manual_seed(0)
-        model = TinyGPT()
-        tokens = torch.randint(0, 128, (8, 33), generator=torch.Generator().manual_seed(0))
-        return model, lambda batch: F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten())
-    model, (inputs, targets) = build(name, 64 if name == "small" else 16, "train")
-    return model, lambda batch: F.cross_entropy(model(inputs), targets)
-
-
-def measure(name: str, hvp: str, bf16: bool, iters: int) -> dict[str, float]:
-    model, loss_fn = problem(name)
-    params = [p for p in model.parameters() if p.requires_grad]
+def operator_for(name: str, batch: int, hvp: str, rel_step: float | None = None) -> HessianOperator:
+    """A fresh (seeded) model's operator on its one batch."""
+    model, data = build(name, batch, "train")
     kernel = sdpa_kernel(SDPBackend.MATH) if hvp == "exact" else contextlib.nullcontext()
-    precision = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    with kernel, precision, HessianOperator(params, loss_fn, [None], hvp=hvp) as operator:
-        start = time.perf_counter()
-        pairs = lanczos(operator, warm_start([], params, torch.Generator().manual_seed(0)), iters, (0, -1))
-        seconds = (time.perf_counter() - start) / pairs.products
-        trace = hutchinson_trace(operator, params, 10, torch.Generator().manual_seed(1))
+
+    def loss_fn(pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        with kernel:
+            return cross_entropy(model, pair)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    return HessianOperator(params, loss_fn, [data], hvp=hvp, rel_step=rel_step)
+
+
+def fixed_vector(operator: HessianOperator) -> list[torch.Tensor]:
+    """The same random unit vector for every computation."""
+    flat = torch.randn(operator.dim, generator=torch.Generator().manual_seed(2))
+    return unflatten(flat / flat.norm(), operator.params)
+
+
+def measure(name: str, batch: int, hvp: str, precision: str, iters: int, trace_samples: int) -> dict[str, object]:
+    """lambda_max, lambda_min, the trace and one product ``H v`` (flat) with one way of taking products."""
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+    with operator_for(name, batch, hvp) as operator, autocast, warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "autocast turned off": said in the docstring
+        product = flatten(operator(fixed_vector(operator))).double()
+        pairs = lanczos(operator, warm_start([], operator.params, torch.Generator().manual_seed(0)), iters, (0, -1))
+        trace = hutchinson_trace(operator, operator.params, trace_samples, torch.Generator().manual_seed(1))
     return {"lambda_max": float(pairs.values[-1]), "lambda_min": float(pairs.values[0]), "trace": trace.trace,
-            "seconds": seconds}
+            "product": product}
+
+
+def relative_error(value: object, reference: object) -> float:
+    if isinstance(value, torch.Tensor):
+        return float((value - reference).norm() / reference.norm())
+    return abs(value - reference) / abs(reference)
+
+
+def accuracy_table(models: list[str], precisions: list[str], iters: int, trace_samples: int,
+                   batch: int | None) -> None:
+    print("| model | precision | lambda_max | err exact | err FD | lambda_min | err exact | err FD | trace "
+          "| err exact | err FD | product err exact | product err FD |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name in models:
+        size = batch or (8 if name == "resnet18" else DEFAULT_BATCH[name])
+        reference = measure(name, size, "exact", "fp32", iters, trace_samples)
+        for precision in precisions:
+            exact = reference if precision == "fp32" else measure(name, size, "exact", precision, iters, trace_samples)
+            fd = measure(name, size, "finite_difference", precision, iters, trace_samples)
+            cells = []
+            for curve in CURVES:
+                if curve != "product":
+                    cells.append(f"{reference[curve]:.4g}")
+                cells += ["ref" if exact is reference else f"{relative_error(exact[curve], reference[curve]):.1e}",
+                          f"{relative_error(fd[curve], reference[curve]):.1e}"]
+            print(f"| {name} (batch {size}) | {precision} | " + " | ".join(cells) + " |", flush=True)
+
+
+def step_sweep(models: list[str], rel_steps: list[float], batch: int | None, iters: int) -> None:
+    default = STEP_FACTOR * torch.finfo(torch.float32).eps ** (1 / 3)
+    print("| model | relative step r | error of H v, random v | error of H v, top eigenvector v |")
+    print("|---|---:|---:|---:|")
+    for name in models:
+        size = batch or (8 if name == "resnet18" else DEFAULT_BATCH[name])
+        with operator_for(name, size, "exact") as operator:
+            start = warm_start([], operator.params, torch.Generator().manual_seed(0))
+            vectors = [fixed_vector(operator), lanczos(operator, start, iters, (-1,)).vectors[-1]]
+            references = [flatten(operator(vector)).double() for vector in vectors]
+        for step in sorted(rel_steps + [default]):
+            with operator_for(name, size, "finite_difference", step) as operator:
+                errors = [relative_error(flatten(operator(vector)).double(), reference)
+                          for vector, reference in zip(vectors, references)]
+            label = f"{step:.2e}" + (" (default)" if step == default else "")
+            print(f"| {name} | {label} | {errors[0]:.2e} | {errors[1]:.2e} |", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["small", "resnet18", "gpt"],
-                        choices=["small", "resnet18", "gpt"])
-    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
+    parser.add_argument("--iters", type=int, default=20, help="Lanczos steps")
+    parser.add_argument("--trace-samples", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default: as hvp_cost.py, resnet18 8)")
+    parser.add_argument("--rel-steps", nargs="+", type=float, default=None,
+                        help="sweep these relative steps (float32 product error) instead of the accuracy table")
     args = parser.parse_args()
-    print("| model | precision | lambda_max exact | rel. err FD | lambda_min exact | rel. err FD | trace exact "
-          "| rel. err FD | s/product exact | s/product FD |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for name in args.models:
-        for bf16 in (False, True):
-            exact = measure(name, "exact", bf16, args.iters)
-            fd = measure(name, "finite_difference", bf16, args.iters)
-            errors = {k: abs(fd[k] - exact[k]) / abs(exact[k]) for k in ("lambda_max", "lambda_min", "trace")}
-            print(f"| {name} | {'bf16 autocast' if bf16 else 'float32'} | {exact['lambda_max']:.4g} | "
-                  f"{errors['lambda_max']:.1e} | {exact['lambda_min']:.4g} | {errors['lambda_min']:.1e} | "
-                  f"{exact['trace']:.4g} | {errors['trace']:.1e} | {exact['seconds']:.3f} | {fd['seconds']:.3f} |",
-                  flush=True)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    if args.rel_steps:
+        step_sweep(args.models, args.rel_steps, args.batch, args.iters)
+    else:
+        accuracy_table(args.models, args.precisions, args.iters, args.trace_samples, args.batch)
 
 
 if __name__ == "__main__":

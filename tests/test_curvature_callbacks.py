@@ -50,13 +50,14 @@ def digits_like(n=96, seed=0):
     return TensorDataset(torch.randn(n, 6, generator=generator), torch.randint(0, 3, (n,), generator=generator))
 
 
-def fit(module, callbacks, tmp_path, trainer_module=pl, max_steps=8, accumulate_grad_batches=1):
+def fit(module, callbacks, tmp_path, trainer_module=pl, max_steps=8, accumulate_grad_batches=1, precision="32-true"):
     pl.seed_everything(0, workers=True) if trainer_module is pl else trainer_module.seed_everything(0, workers=True)
     loader = DataLoader(digits_like(), batch_size=16, shuffle=True)
     trainer = trainer_module.Trainer(max_steps=max_steps, accelerator="cpu", devices=1, callbacks=callbacks,
                                      logger=trainer_module.loggers.CSVLogger(tmp_path), enable_checkpointing=False,
                                      enable_progress_bar=False, enable_model_summary=False, deterministic=True,
-                                     log_every_n_steps=1, accumulate_grad_batches=accumulate_grad_batches)
+                                     log_every_n_steps=1, accumulate_grad_batches=accumulate_grad_batches,
+                                     precision=precision)
     trainer.fit(module, loader)
     return trainer
 
@@ -174,16 +175,45 @@ def test_without_double_backward_auto_measures_by_finite_differences(tmp_path):
     give on the same network with a twice-differentiable tanh."""
     callback = HessianSharpness(every_n_train_steps=2, lanczos_iters=40)
     with pytest.warns(RuntimeWarning, match="finite differences.*not implemented") as record:
-        trainer = fit(NoDoubleBackwardNet(), [callback], tmp_path / "fd", max_steps=4)
+        trainer = fit(seeded(NoDoubleBackwardNet), [callback], tmp_path / "fd", max_steps=4)
     assert sum("finite differences" in str(w.message) for w in record) == 1
     assert callback.probe.hvp_chosen == "finite_difference" and not callback.probe.disabled
     reference = HessianSharpness(every_n_train_steps=2, lanczos_iters=40, hvp="exact")
-    exact = fit(TanhNet(), [reference], tmp_path / "exact", max_steps=4)
+    exact = fit(seeded(TanhNet), [reference], tmp_path / "exact", max_steps=4)
     measured = column(read_metrics(trainer), "sharpness/lambda_max")
     expected = column(read_metrics(exact), "sharpness/lambda_max")
     assert [s for s, _ in measured] == [s for s, _ in expected] and len(measured) == 2
     for (_, value), (_, target) in zip(measured, expected):
         assert value == pytest.approx(target, rel=1e-3)
+
+
+def test_bf16_mixed_probe_runs_in_float32_and_finite_differences_match_exact(tmp_path):
+    """Lightning's bf16-mixed autocasts the training step only: the probe's hooks run outside it, in float32,
+    where finite differences agree with exact products (no autocast to turn off, so no warning)."""
+    values = {}
+    for hvp in ("finite_difference", "exact"):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            trainer = fit(seeded(Net), [HessianSharpness(every_n_train_steps=2, hvp=hvp)], tmp_path / hvp,
+                          max_steps=4, precision="bf16-mixed")
+        assert not [w for w in record if "autocast turned off" in str(w.message)]
+        values[hvp] = column(read_metrics(trainer), "sharpness/lambda_max")
+    assert [s for s, _ in values["finite_difference"]] == [s for s, _ in values["exact"]] and len(values["exact"]) == 2
+    for (_, value), (_, target) in zip(values["finite_difference"], values["exact"]):
+        assert value == pytest.approx(target, rel=3e-5)  # measured 6.6e-6 and 1.1e-6
+
+
+def test_finite_differences_on_a_bf16_model_disable_the_callback_with_one_warning(tmp_path):
+    """bf16-true casts the model to bfloat16: no step resolves a product in 16 bits, so nothing is logged."""
+    def loss_fn(module, batch):
+        return nn.functional.cross_entropy(module.body(batch[0].to(torch.bfloat16)), batch[1])
+
+    callback = HessianSharpness(every_n_train_steps=2, hvp="finite_difference", loss_fn=loss_fn)
+    with pytest.warns(RuntimeWarning, match="disabled itself: finite-difference .* got torch.bfloat16") as record:
+        trainer = fit(seeded(Net, "sgd"), [callback], tmp_path, max_steps=4, precision="bf16-true")
+    assert sum("disabled itself" in str(w.message) for w in record) == 1
+    assert trainer.global_step == 4 and callback.probe.disabled
+    assert not column(read_metrics(trainer), "sharpness/lambda_max")
 
 
 @pytest.mark.parametrize("kwargs,name", [({"top_k": 0}, "top_k"), ({"method": "qr"}, "method"),

@@ -52,6 +52,21 @@ def test_callback_overhead_runs_with_and_without_callbacks():
 
 
 @pytest.mark.slow
+def test_hvp_accuracy_runs_and_bf16_mixed_finite_differences_are_the_float32_ones():
+    out = _run("hvp_accuracy.py", "--models", "small", "--iters", "4", "--trace-samples", "2")
+    rows = {line.split("|")[2].strip(): [cell.strip() for cell in line.strip(" |").split("|")]
+            for line in out.splitlines() if line.startswith("| small")}
+    assert set(rows) == {"fp32", "bf16-mixed"}
+    assert rows["fp32"][3] == rows["fp32"][6] == rows["fp32"][9] == rows["fp32"][11] == "ref"
+    assert 0 < float(rows["bf16-mixed"][11]) < 0.1  # exact products under autocast: bfloat16 rounding
+    fd = [4, 7, 10, 12]  # finite differences run with autocast off: the float32 ones
+    assert [rows["fp32"][i] for i in fd] == [rows["bf16-mixed"][i] for i in fd]
+    sweep = _run("hvp_accuracy.py", "--models", "small", "--rel-steps", "1e-3")
+    assert sum(line.startswith("| small |") for line in sweep.splitlines()) == 2
+    assert "(default)" in sweep
+
+
+@pytest.mark.slow
 def test_hvp_cost_runs_and_reused_products_agree():
     out = _run("hvp_cost.py", "--models", "small", "--rounds", "1")
     rows = [line for line in out.splitlines() if line.startswith("| small |")]

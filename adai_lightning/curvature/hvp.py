@@ -12,12 +12,26 @@ product (``hvp=``):
   of two ordinary gradients (a forward and a backward per batch each): it runs wherever the model
   can run a backward (fused attention kernels, ``once_differentiable`` functions, compiled code as
   compiled). The parameters are moved in place for the two gradients and restored bitwise from a
-  saved copy afterwards (one copy of the parameters, not an add/subtract). The step is
-  ``eps = rel_step (1 + |theta|) / |v|`` with ``rel_step`` the cube root of the machine epsilon of the
-  compute dtype (the autocast dtype when autocast is on): the error is the truncation
-  ``eps^2 |D^3 L[v, v, .]| / 6`` plus the rounding ``~ u |g| / eps`` of the two gradients, balanced at
-  ``eps ~ u^(1/3)``: about ``u^(2/3)`` relative (1e-5 in float32, 1e-10 in float64, 1.6e-3 in bfloat16)
-  for a smooth loss; a kink (ReLU) within ``eps v`` adds an error of its own.
+  saved copy afterwards (one copy of the parameters, not an add/subtract). The step moves the
+  weights ``v`` touches by about ``r`` of their own size (``r (1 + |theta|) / |v|`` for a ``v`` spread
+  over all of them; :func:`finite_difference_step`). *Error model*
+  (relative error of a product): truncation ``A r^2`` (the third derivative, ``eps^2 |D^3 L[v, v, .]| / 6``)
+  plus rounding ``B u / r`` of the two gradients (``u`` the parameters' machine epsilon), smallest at
+  ``r* = (B u / 2A)^(1/3)``. ``A`` depends on the direction. Measured (``benchmarks/hvp_accuracy.py
+  --rel-steps``, the GPT recipe's model, float32): a random ``v`` has A ~ 48, B ~ 0.48 (r* = 8.4e-4),
+  its top eigenvector (along which Lanczos reads lambda_max) A ~ 800, B ~ 0.18 (r* = 2.3e-4). The
+  default ``r = STEP_FACTOR u^(1/3)`` (4.9e-4 in float32, 6e-7 in float64) sits between: products
+  within ~2e-4 in both directions in float32 (1.2e-4, 2.1e-4; at the former ``r = u^(1/3)``: 1.2e-3,
+  2.0e-2; the former global scale ``(1 + |theta|) / |v|`` made the top-eigenvector step 56x larger
+  still: 25 % at r = 1e-3); on a tanh MLP ``1.6 u^(2/3)`` in float64, ``2.2 u^(2/3)`` in float32
+  (``tests/test_curvature_products.py``). A kink
+  (ReLU, max-pool) within ``eps v`` is not in this model: there the difference is no Hessian product
+  at any step (see docs/callbacks-curvature.md). 16 bits are refused: under an active bfloat16/float16
+  autocast the two gradients run with autocast off (one RuntimeWarning; autocast's cache of cast
+  weights would also hide the step), and a loss computed in 16 bits (a model cast to bfloat16, an
+  autocast inside ``loss_fn``: seen in the loss's dtype and, by a saved-tensors hook, in the dtypes
+  the forward saves for its backward) raises a RuntimeError: ``u^(1/3)`` of bfloat16 is 20 % of the
+  weights, no step resolves a product there.
 - ``"auto"`` (default): exact; if the first exact product fails (an operation without double
   backward), finite differences from then on, said once in a warning naming the cause.
 
@@ -48,13 +62,14 @@ sum (no ``reduce``: the hooks already reduced). Every rank must then run the sam
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-from adai_lightning.curvature.vectors import Vector, is_sharded, norm, numel
+from adai_lightning.curvature.vectors import Vector, is_sharded, numel, squared_norms
 
 LossFn = Callable[[Any], Tensor]
 Reduce = Callable[[Vector], Vector]
@@ -62,12 +77,10 @@ Grads = tuple[Tensor | None, ...]
 HVP_MODES = ("exact", "finite_difference", "auto")
 
 
-def compute_dtype(like: Tensor) -> torch.dtype:
-    """The dtype products are computed in: the autocast dtype when autocast is on for ``like``'s device."""
-    device_type = like.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return like.dtype
+#: The finite-difference step relative to ``1 + |theta|`` is ``STEP_FACTOR u^(1/3)`` (see the error model).
+STEP_FACTOR = 0.1
+#: Dtypes in which finite differences are refused (their autocast is turned off for the two gradients).
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 #: Why exact products are refused under FSDP2 (said in the error, and by hvp="auto" in its warning).
@@ -100,12 +113,30 @@ def check_twice_differentiable(grads: Sequence[Tensor | None]) -> None:
 
 
 def finite_difference_step(params: Sequence[Tensor], vector: Sequence[Tensor], rel_step: float | None = None) -> float:
-    """``eps = rel_step (1 + |theta|) / |v|``; ``rel_step`` defaults to the cube root of the compute dtype's
-    machine epsilon (see the module docstring for the error model)."""
+    """``eps = rel_step (1 / |v| + rms_v(theta) / rms_v(v))``; ``rel_step`` defaults to ``STEP_FACTOR u^(1/3)``,
+    ``u`` the machine epsilon of the parameters' dtype (see the module docstring for the error model).
+
+    ``rms_v(x)^2 = sum_t w_t |x_t|^2 / n_t`` over the parameter tensors ``t`` (``n_t`` entries), weighted
+    by ``v``'s share ``w_t = |v_t|^2 / |v|^2`` of each: the step moves the weights ``v`` touches by about
+    ``rel_step`` of their own size. For a ``v`` spread over every tensor this is ``rel_step (1 + |theta|) / |v|``;
+    for one concentrated on small weights (the GPT recipe's top eigenvector lies on 0.02-scale weights, while
+    its LayerNorm gains make 26 of |theta| = 27.8) that global step was 56x too large (25 % error)."""
     if rel_step is None:
-        rel_step = torch.finfo(compute_dtype(params[0])).eps ** (1 / 3)
-    length = norm(vector)
-    return rel_step * (1.0 + norm(params)) / length if length > 0 else 0.0
+        rel_step = STEP_FACTOR * torch.finfo(params[0].dtype).eps ** (1 / 3)
+    shares, weights = squared_norms(vector), squared_norms(params)
+    length = float(shares.sum()) ** 0.5
+    if length == 0:
+        return 0.0
+    sizes = torch.tensor([float(p.numel()) for p in params], dtype=torch.float64)
+    seen = float((shares * weights / sizes).sum() / (shares.square() / sizes).sum()) ** 0.5
+    return rel_step * (1.0 / length + seen)
+
+
+def without_low_precision_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """A context that turns autocast off if it is on in a 16-bit dtype for ``device_type``, else does nothing."""
+    if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) in LOW_PRECISION:
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class HessianOperator:
@@ -117,7 +148,7 @@ class HessianOperator:
     the epoch-mean loss of a loader does).  Under ``reduce`` a rank may hold no batch (it
     contributes zeros).  Vectors are lists of tensors shaped like ``params`` (their dtype and device).
     ``hvp``: "exact", "finite_difference" or "auto" (see the module docstring); ``rel_step``: the
-    finite-difference step relative to ``1 + |theta|`` (default: cube root of the machine epsilon).
+    finite-difference step relative to the weights ``v`` touches (default: ``STEP_FACTOR u^(1/3)``).
     ``reuse_graph``: True keeps every batch's first-order graph across exact products, False rebuilds
     it for each product, None (default) keeps it when there is a single batch.  Use the operator
     as a context manager (or call ``release()``) to free kept graphs.
@@ -158,6 +189,9 @@ class HessianOperator:
         self.num_graph_builds = 0
         self._graphs: list[Grads] = []
         self._versions: list[int] = []
+        self._loss_dtype: torch.dtype | None = None
+        self._saved_dtypes: set[torch.dtype] = set()
+        self._warned_autocast = False
 
     def __enter__(self) -> HessianOperator:
         return self
@@ -178,6 +212,7 @@ class HessianOperator:
         loss = self.loss_fn(self.batches[index])
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
+        self._loss_dtype = loss.dtype
         return loss.reshape(()) * self.weights[index]
 
     def _first_order(self, index: int) -> Grads:
@@ -261,6 +296,30 @@ class HessianOperator:
             total = self._accumulate(total, hv)
         return total
 
+    def _full_precision(self) -> contextlib.AbstractContextManager[Any]:
+        """Autocast off for the two gradients if it is on in 16 bits (said once per operator)."""
+        context = without_low_precision_autocast(self.params[0].device.type)
+        if not isinstance(context, contextlib.nullcontext) and not self._warned_autocast:
+            self._warned_autocast = True
+            warnings.warn("Hessian-vector products by finite differences run with autocast turned off: a 16-bit "
+                          "step cannot resolve a product, and autocast's cache of cast weights would not see the "
+                          "moved parameters", RuntimeWarning, stacklevel=4)
+        return context
+
+    def _note_saved(self, tensor: Tensor) -> Tensor:
+        """A saved-tensors pack hook: notes the dtype of every tensor the forward saves for its backward."""
+        self._saved_dtypes.add(tensor.dtype)
+        return tensor
+
+    def _check_precision(self) -> None:
+        """Refuse a loss computed in 16 bits: a 16-bit loss, or 16-bit tensors saved for the backward (parameters
+        cast to bfloat16/float16, an autocast entered inside ``loss_fn``)."""
+        low = sorted(str(d) for d in ({self._loss_dtype} | self._saved_dtypes) & set(LOW_PRECISION))
+        if low:
+            raise RuntimeError(f"finite-difference Hessian products need the loss in float32 or float64, got "
+                               f"{', '.join(low)} (parameters or loss): a 16-bit step cannot resolve a Hessian product; "
+                               "compute the loss in float32 (e.g. bf16-mixed, not bf16-true) or use hvp='exact'")
+
     def _finite_difference(self, tangent: Sequence[Tensor]) -> Vector | None:
         """This rank's ``(g(theta + eps v) - g(theta - eps v)) / (2 eps)``; the parameters are restored bitwise."""
         eps = finite_difference_step(self.params, tangent, self.rel_step)
@@ -269,11 +328,14 @@ class HessianOperator:
         saved = [p.detach().clone() for p in self.params]
         try:
             gradients = []
-            for sign in (1.0, -1.0):
-                with torch.no_grad():
-                    for param, original, direction in zip(self.params, saved, tangent):
-                        param.copy_(original).add_(direction, alpha=sign * eps)
-                gradients.append(self._local_gradient())
+            self._saved_dtypes = set()
+            with self._full_precision(), torch.autograd.graph.saved_tensors_hooks(self._note_saved, lambda t: t):
+                for move in (eps, -2 * eps):  # to theta + eps v, then on to theta - eps v: one pass each
+                    with torch.no_grad():
+                        for param, direction in zip(self.params, tangent):
+                            param.add_(direction, alpha=move)
+                    gradients.append(self._local_gradient())
+                    self._check_precision()
         finally:
             with torch.no_grad():
                 for param, original in zip(self.params, saved):

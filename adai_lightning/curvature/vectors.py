@@ -74,9 +74,32 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
     return float(dots([a], b)[0])
 
 
+def squared_norms(a: Sequence[Tensor]) -> Tensor:
+    """``|a_i|^2`` of every entry (float64, on the host), the same on every rank.
+
+    One ``torch._foreach_norm`` per device, dtype and set of sharded groups, in the entries' own
+    dtype (float32 for 16-bit entries, which could overflow): a float64 copy of every entry, as
+    :func:`dots` makes, cost 72 ms on ResNet-18's 62 tensors against 4 ms (one CPU thread). Then
+    one all-reduce per set of sharded groups, as in :func:`dots`."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    pieces = [local(tensor).detach() for tensor in a]
+    for index, (tensor, piece) in enumerate(zip(a, pieces)):
+        groups.setdefault((_sharded_groups(tensor), piece.device, piece.dtype), []).append(index)
+    result = torch.zeros(len(pieces), dtype=torch.float64)
+    for (sharded_groups, _, dtype), indices in groups.items():
+        chosen = [pieces[i] for i in indices]
+        low = dtype in (torch.float16, torch.bfloat16)
+        norms = torch._foreach_norm(chosen, 2, dtype=torch.float32) if low else torch._foreach_norm(chosen)
+        squares = torch.stack(norms).double().square()
+        for group in sharded_groups:
+            dist.all_reduce(squares, group=group)
+        result[indices] = squares.cpu()
+    return result
+
+
 def norm(a: Sequence[Tensor]) -> float:
     """The global L2 norm of ``a``."""
-    return dot(a, a) ** 0.5
+    return float(squared_norms(a).sum()) ** 0.5
 
 
 def scaled(a: Sequence[Tensor], factor: float) -> Vector:
