@@ -114,7 +114,8 @@ class HessianSharpness(ProbedCallback):
         self.warm_start = warm_start
         self.tol = tol
         self.host_basis = host_basis
-        #: The eigenvectors the last cadence point found ("top": the top-k, "ratio": the scaled operator's), on the host.
+        #: The eigenvectors the last cadence point found ("top": the top-k, "ratio": the scaled operator's), with
+        #: Lanczos's guard vectors (one more inward, see :func:`~adai_lightning.curvature.lanczos`), on the host.
         self.tracked: dict[str, list[Vector]] = {}
         self._step_lrs: list[Any] | None = None  # the learning rates of the last optimizer step
         self._scaled_ratio = True  # whether the stability ratio needs its own Lanczos run (not plain SGD)
@@ -151,7 +152,7 @@ class HessianSharpness(ProbedCallback):
             return {}
         ratio = stability_ratio(operator, step, self.probe.generator(), operator.params, self._ratio_iters(),
                                 lambda_max=lambda_max, previous=self._previous("ratio"), tol=self.tol)
-        self._track("ratio", ratio.vectors)
+        self._track("ratio", ratio.tracked())
         return {"sharpness/stability_ratio": float(ratio.values[0])}
 
     def _previous(self, key: str) -> list[Vector]:
@@ -166,7 +167,7 @@ class HessianSharpness(ProbedCallback):
         if self.method == "lanczos":
             pairs = lanczos_extremes(operator, like, self.top_k, "largest", generator, self.lanczos_iters,
                                      self._previous("top"), self.tol, self.host_basis)
-            self._track("top", pairs.vectors)
+            self._track("top", pairs.tracked())
         else:
             pairs = power_top_k(operator, like, self.top_k, generator, self.power_iters)
         values = pairs.values.tolist()

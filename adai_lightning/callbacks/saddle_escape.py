@@ -194,7 +194,7 @@ class SaddleEscapeMonitor(ProbedCallback):
             pairs = lanczos(operator, start, self.lanczos_iters, (0, -1), self.tol, self.host_basis)
             lambda_max, lambda_min, vector = float(pairs.values[-1]), float(pairs.values[0]), pairs.vectors[0]
             if self.warm_start:
-                self.tracked = [to_host(v) for v in pairs.vectors]
+                self.tracked = [to_host(v) for v in pairs.tracked()]
         else:
             lambda_max = float(power_top_k(operator, like, 1, generator, self.power_iters).values[0])
             low = power_smallest(operator, like, generator, self.power_iters)
