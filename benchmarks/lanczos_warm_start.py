@@ -7,7 +7,7 @@ Adai and schedule; its callbacks replaced by this script's probe) and at the rec
 (read from the recipe: HessianSharpness's and SaddleEscapeMonitor's ``every_n_train_steps``) measures on the probe's fixed subset
 (256 samples, train mode, graphs kept, exact products):
 
-- the reference: 100 iterations of Lanczos from a random start (no early stop);
+- the reference: ``--reference-iters`` (100) iterations of Lanczos from a random start (no early stop);
 - ``cold``: Lanczos from a random start stopping at ``tol`` (at most 100 products);
 - ``warm``: Lanczos from the previous point's eigenvectors and guard vectors (the callbacks'
   ``warm_start=True``), stopping at ``tol``;
@@ -54,10 +54,12 @@ def relative(value: float, reference: float) -> float:
 class WarmColdProbe(pl.Callback):
     """At each cadence point, reference / cold / warm Lanczos runs on one operator, per ``tol`` and ``guard``."""
 
-    def __init__(self, tols: list[float], guards: list[int]) -> None:
+    def __init__(self, tols: list[float], guards: list[int], every: int | None = None,
+                 reference_iters: int = 100) -> None:
         self.probe = HessianProbe("benchmark", 256, None, None, True, "raise", 0, keep_graphs=True, hvp="exact")
         self.settings = [(tol, guard) for tol in tols for guard in guards]
-        self.cadence = recipe_cadence()
+        self.cadence = {kind: every or steps for kind, steps in recipe_cadence().items()}
+        self.reference_iters = reference_iters
         self.previous: dict[tuple, list] = {}
         self.rows: list[dict] = []
 
@@ -80,13 +82,13 @@ class WarmColdProbe(pl.Callback):
 
     def _sharpness(self, operator, step: int) -> None:
         generator, params = self.probe.generator, operator.params
-        reference = lanczos_extremes(operator, params, 2, "largest", generator(), 100, tol=None).values.tolist()
+        reference = lanczos_extremes(operator, params, 2, "largest", generator(), self.reference_iters).values.tolist()
         self._compare("sharpness", step, reference, lambda previous, tol, guard: lanczos_extremes(
             operator, params, 2, "largest", generator(), 100, previous, tol, guard=guard))
 
     def _saddle(self, operator, step: int) -> None:
         generator, params = self.probe.generator, operator.params
-        values = lanczos(operator, warm_start([], params, generator()), 100, (0, -1)).values
+        values = lanczos(operator, warm_start([], params, generator()), self.reference_iters, (0, -1)).values
         self._compare("saddle", step, [float(values[-1]), float(values[0])], lambda previous, tol, guard: lanczos(
             operator, warm_start(previous, params, generator()), 100, (0, -1), tol, guard=guard))
 
@@ -103,7 +105,7 @@ class WarmColdProbe(pl.Callback):
 
 def report(rows: list[dict]) -> None:
     for kind, second in (("sharpness", "lambda_2"), ("saddle", "lambda_min")):
-        print(f"\n{kind}: products and relative error vs 100-iteration cold Lanczos (median / max over points)")
+        print(f"\n{kind}: products and relative error vs the reference cold Lanczos (median / max over points)")
         print(f"{'run':<24}{'points':>7}{'products med':>14}{'max':>6}{'err lambda_max med':>20}{'max':>10}"
               f"{'err ' + second + ' med':>20}{'max':>10}{'overlap med':>13}")
         runs = sorted({r["run"] for r in rows if r["kind"] == kind})
@@ -127,13 +129,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tols", nargs="+", type=float, default=[1e-4])
     parser.add_argument("--guards", nargs="+", type=int, default=[1])
+    parser.add_argument("--every", type=int, help="both callbacks' cadence in steps (default: the recipe's)")
+    parser.add_argument("--reference-iters", type=int, default=100, help="iterations of the cold reference")
     parser.add_argument("--max-epochs", type=int, default=15)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
         cli = AdaiCLI(args=["--config", str(RECIPE), f"--trainer.default_root_dir={root}",
                             "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
                             "--trainer.callbacks=[]", f"--trainer.max_epochs={args.max_epochs}"], run=False)
-        probe = WarmColdProbe(args.tols, args.guards)
+        probe = WarmColdProbe(args.tols, args.guards, args.every, args.reference_iters)
         cli.trainer.callbacks.append(probe)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     report(probe.rows)

@@ -17,7 +17,7 @@ import callback_overhead  # noqa: E402
 
 
 def _run(script: str, *args: str) -> str:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
                           text=True, timeout=240, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -58,3 +58,15 @@ def test_hvp_cost_runs_and_reused_products_agree():
     assert len(rows) == 2  # eval and train mode
     for row in rows:
         assert float(row.strip(" |").split("|")[-1]) < 1e-6  # the kept graph gives the from-scratch product
+
+
+@pytest.mark.slow
+def test_lanczos_warm_start_compares_guarded_runs_against_the_reference():
+    out = _run("lanczos_warm_start.py", "--max-epochs", "1", "--every", "10", "--guards", "0", "1",
+               "--reference-iters", "40")
+    rows = [line.split() for line in out.splitlines() if line.startswith(("warm tol", "cold tol"))]
+    assert len(rows) == 8  # {cold, warm} x guard {0, 1} x {sharpness, saddle}
+    for row in rows:
+        points, err_lambda_max = int(row[3]), float(row[6])
+        assert points == 2 and err_lambda_max < 1e-3  # against a 40-iteration cold run
+    assert "products warm/cold (tol=0.0001 guard=1)" in out

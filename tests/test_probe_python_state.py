@@ -234,3 +234,38 @@ def test_buffers_rebound_or_changed_in_place_come_back_without_a_warning():
         probe(module)
     assert module.ema is ema and torch.equal(ema, torch.ones(2)) and module._buffers["ema"] is ema
     assert module.watched[0] is module.seen and module.seen.item() == 0
+
+
+def test_fsdp2_state_is_held_by_reference_so_the_backward_after_a_restore_works(tmp_path):
+    """FSDP2's forward fills lists its backward consumes (the root's post-forward order, each group's indices
+    into it); the probe restores the Python state after each ``training_step``, between the two. Restoring
+    part of FSDP2's state (3 sharded blocks under a root with parameters of its own, as in the GPT recipe)
+    broke that backward (IndexError) even in one gloo process; the gradients must equal plain ones."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from adai_lightning.callbacks._python_state import PythonState
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(*(nn.Linear(4, 4) for _ in range(5)))
+    inputs = torch.randn(2, 4)
+    plain(inputs).square().sum().backward()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        sharded = nn.Sequential(*(nn.Linear(4, 4) for _ in range(5)))
+        sharded.load_state_dict(plain.state_dict())
+        mesh = init_device_mesh("cpu", (1,))
+        for block in sharded[1:4]:
+            fully_shard(block, mesh=mesh)
+        fully_shard(sharded, mesh=mesh)  # the first and last layers: the root's own group
+        sharded(inputs).square().sum().backward()  # a training step: FSDP2's lazy initialisation
+        sharded.zero_grad()
+        state = PythonState(sharded)  # the probe's situation
+        loss = sharded(inputs).square().sum()
+        assert state.restore() == {}
+        loss.backward()
+        grads = [p.grad.full_tensor() for p in sharded.parameters()]
+    finally:
+        dist.destroy_process_group()
+    assert all(torch.equal(a, b.grad) for a, b in zip(grads, plain.parameters()))

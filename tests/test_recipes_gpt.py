@@ -129,20 +129,32 @@ def run_script(config: Path, out: Path, mode: str) -> None:
 
 
 @pytest.mark.slow
-def test_fsdp2_command_line_trains_sharded_and_matches_one_process(tmp_path):
-    """The recipe's FSDP2 command line (InertiaMonitor only: the Hessian callbacks do not measure under
-    FSDP2 yet) on 2 gloo ranks: parameters are DTensors, the optimizer holds them (not stale pre-shard
-    copies), and the mean of the ranks' losses at every step is the one-process loss on the same global
-    batch, also after the first optimizer steps (Adai's vbar is reduced over the shards)."""
+def test_fsdp2_command_line_with_all_monitors_matches_one_process_and_leaves_training_unchanged(tmp_path):
+    """The recipe's FSDP2 command line (the three monitors, then the test split) on 2 gloo ranks: parameters
+    are DTensors held by the optimizer (not stale pre-shard copies); both ranks log the same monitor values,
+    within 1e-4 of one process on the same global batch; the mean of the ranks' losses is the one-process
+    loss at every step (Adai's vbar is reduced over the shards); training is bitwise the same without them."""
     config = tiny_recipe(tmp_path)
-    run_script(config, tmp_path, "fsdp2")
-    run_script(config, tmp_path, "single")
+    for mode in ("fsdp2", "fsdp2_plain", "single"):
+        run_script(config, tmp_path, mode)
     ranks = [json.loads((tmp_path / f"fsdp2_rank{r}.json").read_text()) for r in (0, 1)]
+    plain = [json.loads((tmp_path / f"fsdp2_plain_rank{r}.json").read_text()) for r in (0, 1)]
     single = json.loads((tmp_path / "single_rank0.json").read_text())
     assert all(all(r["all_dtensor"]) and all(r["optimizer_holds_module_params"]) for r in ranks)
     assert not any(single["all_dtensor"]) and all(single["optimizer_holds_module_params"])
+    for watched, unwatched in zip(ranks, plain):
+        assert watched["losses"] == unwatched["losses"] and watched["final"] == unwatched["final"]
+        assert watched["test_loss"] == unwatched["test_loss"]
+    assert ranks[0]["logged"] == ranks[1]["logged"]
+    logged = {step: values for step, values in ranks[0]["logged"] if values}
+    reference = {step: values for step, values in single["logged"] if values}
+    assert logged.keys() == reference.keys() and len(logged) >= 4
+    assert any("sharpness/lambda_max" in v for v in logged.values()) and any("saddle/lambda_min" in v for v in logged.values())
+    for step, values in logged.items():
+        assert values == pytest.approx(reference[step], rel=1e-4, abs=1e-6), step
     sharded = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"])]
     assert len(sharded) == len(single["losses"]) == 8
     assert sharded[0] == pytest.approx(single["losses"][0], rel=1e-6)  # same initial weights, same batch
     assert sharded == pytest.approx(single["losses"], rel=1e-4)
     assert sum(sharded[-3:]) < sum(sharded[:3]) - 0.3  # it trains
+    assert ranks[0]["test_loss"] == pytest.approx(single["test_loss"], rel=1e-4)

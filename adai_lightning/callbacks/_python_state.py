@@ -22,7 +22,8 @@ Not covered: ``_parameters``, ``_buffers``, ``_modules`` and the parameters and 
 are referenced (parameters never change; the isolation context restores buffers, rebound ones too,
 and modes; submodules are walked on their own), and, held only by reference, whatever is part of the
 training machinery (the trainer, loggers, callbacks, optimizers, loaders, datasets, modules outside
-the tree) or is neither a container nor a plain object (C extension objects), and anything deeper
+the tree), is an object of torch's own classes (FSDP2's state, reached through a module's
+``__dict__``: torch manages it) or is neither a container nor a plain object (C extension objects), and anything deeper
 than :data:`MAX_DEPTH` references from a module.
 """
 
@@ -59,6 +60,14 @@ def _machinery() -> tuple[type, ...]:
 
     return (torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler, torch.utils.data.DataLoader,
             torch.utils.data.Dataset, pl.Trainer, pl.LightningDataModule, pl.Callback, Logger, FabricLogger, Fabric)
+
+
+def _torchs_own(value: Any) -> bool:
+    """Whether ``value``'s class is torch's own (FSDP2's per-module state, its parameter groups): torch
+    manages those objects, so they are held by reference. FSDP2's forward fills lists that its backward
+    consumes; restoring them in between (after each ``training_step``) broke the backward (IndexError)."""
+    module = type(value).__module__
+    return module == "torch" or module.startswith("torch.")
 
 
 def _restore_sequence(container: list[Any] | collections.deque[Any], saved: list[Any]) -> None:
@@ -174,7 +183,7 @@ class PythonState:
             self._add(path, functools.partial(_put_state, put, get()))
         elif type(value).__module__ == "numpy" and type(value).__name__ == "ndarray" and value.flags.writeable:
             self._add(path, functools.partial(value.__setitem__, Ellipsis, value.copy()))
-        elif hasattr(value, "__dict__") and not isinstance(value, self._machinery):
+        elif hasattr(value, "__dict__") and not isinstance(value, self._machinery) and not _torchs_own(value):
             self._namespace(value, path, depth)
 
     def _items(self, items: Any, path: str, depth: int) -> None:

@@ -119,10 +119,12 @@ class GPTLanguageModel(pl.LightningModule):
 
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy``: FSDP2 ``fully_shard`` on every block, then on the root
-        (embeddings, final LayerNorm and the tied head form the root's unit). Otherwise nothing."""
-        if self.device_mesh is None:
+        (embeddings, final LayerNorm and the tied head form the root's unit). Otherwise nothing, and nothing
+        when already sharded: Lightning calls this again for the test after fit."""
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if self.device_mesh is None or isinstance(self, FSDPModule):
             return
-        from torch.distributed.fsdp import fully_shard
 
         mesh = self.device_mesh["data_parallel"]
         for block in self.gpt.blocks:
