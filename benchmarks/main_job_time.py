@@ -10,7 +10,8 @@ the callbacks, measured within one fit and so hardly affected by the load of a s
 (:data:`VARIANTS`: attributes set on the recipe's callbacks before the fit): ``recipe`` is the recipe as it is;
 ``before`` its cadence before the per-curve choice of docs/performance.md ("The main job's cost, curve by
 curve"); ``cold`` the recipe with every Lanczos run from a random start to its cap (``warm_start=False,
-tol=None``); ``subset64`` the recipe on a 64-sample subset. The last logged value of each curve is printed.
+tol=None``); ``subset64`` the recipe on a 64-sample subset; ``lean`` the recipe without the dense first
+sharpness points and with lambda_min at tol 1e-2 (what the next cuts would buy). The last logged value of each curve is printed.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
                "SaddleEscapeMonitor": dict(every_n_train_steps=10, tol=1e-4)},
     "cold": dict.fromkeys(HESSIAN, dict(warm_start=False, tol=None)),
     "subset64": dict.fromkeys(HESSIAN, dict(num_samples=64)),
+    "lean": {"HessianSharpness": dict(dense_first_steps=0), "SaddleEscapeMonitor": dict(tol=1e-2)},
 }
 
 
