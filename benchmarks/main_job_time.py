@@ -1,6 +1,6 @@
 """The default recipe's main job: how much longer its three monitoring callbacks make the fit, callback by callback.
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/main_job_time.py [--max-epochs 15] [--variants recipe before] 2>/dev/null
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/main_job_time.py [--variants recipe before lean] 2>/dev/null
 
 Trains ``recipes/default.yaml`` with its own callbacks (through :class:`adai_lightning.cli.AdaiCLI`), times
 ``trainer.fit`` and, inside it, every hook of the package's callbacks (their own wall and process CPU time, as
@@ -11,7 +11,8 @@ the callbacks, measured within one fit and so hardly affected by the load of a s
 ``before`` its cadence before the per-curve choice of docs/performance.md ("The main job's cost, curve by
 curve"); ``cold`` the recipe with every Lanczos run from a random start to its cap (``warm_start=False,
 tol=None``); ``subset64`` the recipe on a 64-sample subset; ``lean`` the recipe without the dense first
-sharpness points and with lambda_min at tol 1e-2 (what the next cuts would buy). The last logged value of each curve is printed.
+sharpness points and with lambda_min at tol 1e-2 (what the next cuts would buy). The last logged value of
+each curve is printed.
 """
 
 from __future__ import annotations
