@@ -85,3 +85,26 @@ def test_lanczos_warm_start_compares_guarded_runs_against_the_reference():
         points, err_lambda_max = int(row[3]), float(row[6])
         assert points == 2 and err_lambda_max < 1e-3  # against a 40-iteration cold run
     assert "products warm/cold (tol=0.0001 guard=1)" in out
+
+
+@pytest.mark.slow
+def test_curve_cost_prints_each_curve_and_setting_against_the_references():
+    out = _run("curve_cost.py", "--max-epochs", "1", "--every", "10", "--reference-every", "20",
+               "--trace-reference", "20")
+    rows = {" ".join(line.split()[:3]): line.split() for line in out.splitlines()
+            if line.startswith(("top-2 ", "ratio ", "ends ", "trace "))}
+    assert len(rows) == 15  # 4 settings of each Lanczos curve, 3 of the trace
+    assert rows["top-2 tol 0.0001"][3] == "2" and rows["trace 30 samples"][3] == "1"  # points (steps 10, 20; 20)
+    assert float(rows["top-2 tol 0.0001"][8].rstrip(",")) < 1e-3  # lambda_max against 100 cold iterations
+    assert int(rows["trace 30 samples"][4]) == 30 and int(rows["trace 15 samples"][4]) == 15  # products
+
+
+@pytest.mark.slow
+def test_main_job_time_counts_each_callbacks_points_and_products_per_variant():
+    out = _run("main_job_time.py", "--max-epochs", "1", "--variants", "recipe", "before")
+    recipe, before = out.split("before:")
+    # 20 steps: the recipe's sharpness at steps 1-5 only, no saddle point; before: also step 20, saddle at 10, 20
+    assert "HessianSharpness" in recipe and ", 5 points, " in recipe.split("HessianSharpness")[1].splitlines()[0]
+    assert ", 6 points, " in before.split("HessianSharpness")[1].splitlines()[0]
+    assert ", 2 points, " in before.split("SaddleEscapeMonitor")[1].splitlines()[0]
+    assert "main job / training = " in recipe and "last values: lambda_max" in before

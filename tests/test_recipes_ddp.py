@@ -37,7 +37,8 @@ def _short_recipe(tmp_path, name):
     recipe = runnable_recipe("default.yaml", tmp_path / name)
     config = yaml.safe_load(recipe.read_text())
     cadences = {"InertiaMonitor": {"every_n_train_steps": 2}, "SaddleEscapeMonitor": {"every_n_train_steps": 2},
-                "HessianSharpness": {"every_n_train_steps": 3, "num_samples": 128, "trace_samples": 6}}
+                "HessianSharpness": {"every_n_train_steps": 3, "num_samples": 128, "trace_samples": 6,
+                                     "trace_every_n_train_steps": None}}
     for callback in config["trainer"]["callbacks"]:
         name = callback["class_path"].rpartition(".")[2]
         if name in cadences:

@@ -193,10 +193,16 @@ def resume_step(run: Path) -> int:
 #: every 5 steps, the callbacks every 2-4 steps (the Hessian one on 64 samples).
 FAST = dict(recipe="default.yaml", cadences={
     "PeriodicCheckpoint": {"every_n_train_steps": 5}, "InertiaMonitor": {"every_n_train_steps": 2},
-    "HessianSharpness": {"every_n_train_steps": 4, "num_samples": 64}, "SaddleEscapeMonitor": {"every_n_train_steps": 3},
+    "HessianSharpness": {"every_n_train_steps": 4, "num_samples": 64, "trace_every_n_train_steps": 5},
+    "SaddleEscapeMonitor": {"every_n_train_steps": 3},
 }, overrides={"trainer.max_epochs": 2, "data.init_args.batch_size": 256, "trainer.log_every_n_steps": 1})
-#: The default recipe as shipped (64-sample batches: 20 steps an epoch, a checkpoint every 10), 2 epochs.
-DEFAULT = dict(recipe="default.yaml", cadences={}, overrides={"trainer.max_epochs": 2})
+#: The default recipe (64-sample batches: 20 steps an epoch, a checkpoint every 10), 2 epochs, its Hessian
+#: callbacks at cadences 40 steps reach: the trace at steps 20 and 40 (a resume that forgot the last trace
+#: step would trace at 30), HessianSharpness every 10, SaddleEscapeMonitor every 20.
+DEFAULT = dict(recipe="default.yaml", cadences={
+    "HessianSharpness": {"every_n_train_steps": 10, "trace_every_n_train_steps": 15},
+    "SaddleEscapeMonitor": {"every_n_train_steps": 20},
+}, overrides={"trainer.max_epochs": 2})
 #: The saddle recipe (64 steps an epoch), 2 epochs, a checkpoint every 40 steps (mid-epoch ones).
 SADDLE = dict(recipe="saddle_deep_linear.yaml", cadences={"PeriodicCheckpoint": {"every_n_train_steps": 40}},
               overrides={"trainer.max_epochs": 2})

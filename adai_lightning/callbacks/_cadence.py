@@ -26,7 +26,8 @@ from adai_lightning.callbacks._budget import OverheadBudget, check_max_overhead
 WARMUP_STEPS = 10
 
 
-def _check_cadence(name: str, value: int | None) -> None:
+def check_cadence(name: str, value: int | None) -> None:
+    """Raise a ValueError naming ``name`` unless ``value`` is None or an integer >= 1 (a cadence in steps or epochs)."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"Invalid {name}: {value!r}; it must be None or an integer >= 1")
 
@@ -54,8 +55,8 @@ class CadencedCallback(Callback):
 
     def __init__(self, every_n_train_steps: int | None, every_n_epochs: int | None,
                  max_overhead: float | None = None) -> None:
-        _check_cadence("every_n_train_steps", every_n_train_steps)
-        _check_cadence("every_n_epochs", every_n_epochs)
+        check_cadence("every_n_train_steps", every_n_train_steps)
+        check_cadence("every_n_epochs", every_n_epochs)
         check_max_overhead(max_overhead)
         fixed = every_n_train_steps is not None or every_n_epochs is not None
         if not fixed and max_overhead is None:

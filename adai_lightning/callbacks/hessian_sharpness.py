@@ -8,7 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from adai_lightning.callbacks._cadence import log_scalars
+from adai_lightning.callbacks._cadence import check_cadence, log_scalars
 from adai_lightning.callbacks._hessian_probe import (DEFAULT_MAX_OVERHEAD, DEFAULT_NUM_SAMPLES, LossFn,
                                                      ProbedCallback, check_choice, check_int, check_tracking)
 from adai_lightning.curvature import (HessianOperator, default_lanczos_iters, hutch_plus_plus_trace,
@@ -42,7 +42,12 @@ class HessianSharpness(ProbedCallback):
     per-element beta1, Adam with its preconditioner, SGD with its momentum; omitted for optimizers
     it does not model), and with ``trace_samples > 0``
     ``sharpness/trace`` and ``sharpness/trace_stderr`` (``trace_method`` "hutchinson" or "hutch++",
-    Rademacher probes; Hutch++ needs ``trace_samples >= 3``).
+    Rademacher probes; Hutch++ needs ``trace_samples >= 3``). The trace is the costliest curve per
+    point (``trace_samples`` products, where tracked Lanczos needs a few) and changes slowly:
+    ``trace_every_n_train_steps=N`` takes it only at cadence points at least N optimizer steps after
+    the last one that took it (the first at the first point at step >= N; the last trace step is kept
+    in the checkpoint, so a resumed run traces where an uninterrupted one does); None (default): at
+    every cadence point.
 
     Products (``hvp``): "auto" (default), "exact" or "finite_difference", see
     :class:`~adai_lightning.curvature.HessianOperator` and docs/callbacks-curvature.md.
@@ -82,11 +87,12 @@ class HessianSharpness(ProbedCallback):
                  train_mode: bool = True, on_error: str = "warn", seed: int = 0,
                  keep_graphs: bool | None = None, hvp: str = "auto", warm_start: bool = True,
                  tol: float | None = DEFAULT_TOL, host_basis: bool = False, probe_batch_size: int | None = None,
-                 dense_first_steps: int = 0) -> None:
+                 dense_first_steps: int = 0, trace_every_n_train_steps: int | None = None) -> None:
         super().__init__(every_n_train_steps, every_n_epochs, max_overhead, num_samples, dataloader, loss_fn,
                          train_mode, on_error, seed, keep_graphs, hvp, probe_batch_size)
         check_tracking(warm_start, tol, host_basis)
         check_int("dense_first_steps", dense_first_steps, 0)
+        check_cadence("trace_every_n_train_steps", trace_every_n_train_steps)
         check_int("top_k", top_k, 1)
         check_choice("method", method, ("lanczos", "power"))
         check_int("trace_samples", trace_samples, 0)
@@ -103,6 +109,8 @@ class HessianSharpness(ProbedCallback):
         self.lanczos_iters = lanczos_iters
         self.power_iters = power_iters
         self.dense_first_steps = dense_first_steps
+        self.trace_every_n_train_steps = trace_every_n_train_steps
+        self._last_trace_step = 0  # the optimizer step of the last trace (0: none yet)
         self.warm_start = warm_start
         self.tol = tol
         self.host_basis = host_basis
@@ -166,11 +174,16 @@ class HessianSharpness(ProbedCallback):
         metrics = {"sharpness/lambda_max": values[0],
                    "sharpness/weight_norm": norm([p.detach() for p in operator.params])}
         metrics.update({f"sharpness/lambda_{i}": value for i, value in enumerate(values[1:], start=2)})
-        if self.trace_samples:
+        if self._trace_due(trainer.global_step):
+            self._last_trace_step = trainer.global_step
             trace = TRACE_ESTIMATORS[self.trace_method](operator, like, self.trace_samples, generator)
             metrics.update({"sharpness/trace": trace.trace, "sharpness/trace_stderr": trace.stderr})
         metrics.update(self._stability(trainer, operator, values[0]))
         return metrics
+
+    def _trace_due(self, step: int) -> bool:
+        every = self.trace_every_n_train_steps
+        return self.trace_samples > 0 and (every is None or step - self._last_trace_step >= every)
 
     def on_cadence(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> None:
         metrics = self.probe.run(trainer, pl_module, partial(self._measure, trainer))
@@ -178,8 +191,9 @@ class HessianSharpness(ProbedCallback):
             log_scalars(trainer, metrics)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "tracked": self.tracked}
+        return {**super().state_dict(), "tracked": self.tracked, "last_trace_step": self._last_trace_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.tracked = dict(state_dict.get("tracked", {}))
+        self._last_trace_step = state_dict.get("last_trace_step", 0)
