@@ -132,7 +132,7 @@ def run_script(config: Path, out: Path, mode: str) -> None:
 def test_fsdp2_command_line_with_all_monitors_matches_one_process_and_leaves_training_unchanged(tmp_path):
     """The recipe's FSDP2 command line (the three monitors, then the test split) on 2 gloo ranks: parameters
     are DTensors held by the optimizer (not stale pre-shard copies); both ranks log the same monitor values,
-    within 1e-4 of one process on the same global batch; the mean of the ranks' losses is the one-process
+    within 1e-4 (relative; the drift cosines: absolute) of one process on the same global batch; the mean of the ranks' losses is the one-process
     loss at every step (Adai's vbar is reduced over the shards); training is bitwise the same without them."""
     config = tiny_recipe(tmp_path)
     for mode in ("fsdp2", "fsdp2_plain", "single"):
@@ -151,7 +151,13 @@ def test_fsdp2_command_line_with_all_monitors_matches_one_process_and_leaves_tra
     assert logged.keys() == reference.keys() and len(logged) >= 4
     assert any("sharpness/lambda_max" in v for v in logged.values()) and any("saddle/lambda_min" in v for v in logged.values())
     for step, values in logged.items():
-        assert values == pytest.approx(reference[step], rel=1e-4, abs=1e-6), step
+        # The drift cosines use lambda_min's Ritz *vector* from a 10-step float32 finite-difference Lanczos,
+        # whose sums run in another order on two shards: a vector is only as accurate as the square root of
+        # its value's accuracy (measured up to 1.9e-5 apart in cosine units), so they get 1e-4 in those units.
+        drifts = {key for key in values if key.endswith("_drift")}
+        assert {k: v for k, v in values.items() if k not in drifts} == pytest.approx(
+            {k: v for k, v in reference[step].items() if k not in drifts}, rel=1e-4, abs=1e-6), step
+        assert {k: values[k] for k in drifts} == pytest.approx({k: reference[step][k] for k in drifts}, abs=1e-4), step
     sharded = [(a + b) / 2 for a, b in zip(ranks[0]["losses"], ranks[1]["losses"])]
     assert len(sharded) == len(single["losses"]) == 8
     assert sharded[0] == pytest.approx(single["losses"][0], rel=1e-6)  # same initial weights, same batch

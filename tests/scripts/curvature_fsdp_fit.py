@@ -134,7 +134,7 @@ def run_reference(out_dir):
             for param, state in zip(module.parameters(), weights["adam"]):
                 optimizer.state[param] = dict(state)
             sharpness._step_lrs = weights["lrs"]
-            trainer = SimpleNamespace(optimizers=[optimizer])
+            trainer = SimpleNamespace(optimizers=[optimizer], global_step=step)
             metrics = sharpness.probe.run(None, module, partial(sharpness._measure, trainer))
             lambda_min, *_ = saddle.probe.run(None, module, saddle._extremes)
             values[step] = {**metrics, "saddle/lambda_min": lambda_min}
