@@ -1,6 +1,6 @@
 """Fit under 2-process CPU DDP with the budgeted HessianSharpness and SaddleEscapeMonitor, where the
-ranks' own budgets disagree (rank 0: generous, real clock; rank 1: a clock on which training takes
-no time); rank 0 writes every rank's list of steps each callback measured at to argv[1]."""
+ranks' own budgets disagree (rank 0: a clock on which every training step takes 1 s, generous and
+deterministic; rank 1: a clock on which training takes no time; measurements take 1 s on both); rank 0 writes every rank's list of steps each callback measured at to argv[1]."""
 
 import json
 import sys
@@ -15,7 +15,7 @@ from curvature_ddp_fit import Net  # this script's folder is on sys.path
 
 
 class FrozenClock:
-    """Training takes no time on it; the wrapped measurements advance it by 1 s each."""
+    """Training takes no time on it (unless a step advances it); the wrapped measurements advance it by 1 s each."""
 
     now = 0.0
 
@@ -24,19 +24,27 @@ class FrozenClock:
 
 
 class Recorded(pl.Callback):
-    """Records the steps each budgeted callback measured at and, on rank 1, freezes their clocks;
-    the first measurement is estimated free on both ranks (so it comes at the first candidate point)."""
+    """Records the steps each budgeted callback measured at and replaces their clocks (rank 0: each training
+    step advances it by 1 s; rank 1: frozen); the first measurement is estimated free on both ranks (so it
+    comes at the first candidate point). The real clock is not used: under load it made rank 0's budget
+    as tight as rank 1's, and the test could not tell which rank decided."""
 
     def __init__(self, callbacks):
         self.callbacks = callbacks
         self.steps = {type(c).__name__: [] for c in callbacks}
+        self.clocks = []
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_rank == 0:
+            for clock in self.clocks:
+                clock.now += 1.0
 
     def setup(self, trainer, pl_module, stage):
         for callback in self.callbacks:
             clock = FrozenClock()
+            self.clocks.append(clock)
             callback.estimated_cost = lambda trainer, step_seconds: 0.0
-            if trainer.global_rank == 1:
-                callback.budget.clock = clock
+            callback.budget.clock = clock
             run, steps = callback.on_cadence, self.steps[type(callback).__name__]
 
             def recorded(trainer, *args, run=run, steps=steps, clock=clock):
