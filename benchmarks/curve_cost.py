@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from collections import defaultdict
 from typing import Any, Callable
@@ -33,12 +32,11 @@ from typing import Any, Callable
 import lightning.pytorch as pl
 
 from adai_lightning.callbacks._hessian_probe import HessianProbe
-from adai_lightning.cli import AdaiCLI
 from adai_lightning.curvature import default_lanczos_iters, hutch_plus_plus_trace, lanczos, lanczos_extremes
 from adai_lightning.curvature.eigen import warm_start
 from adai_lightning.curvature.stability import linearised_step, stability_ratio
 from adai_lightning.curvature.vectors import to_host
-from benchmarks.lanczos_warm_start import RECIPE, relative
+from benchmarks.lanczos_warm_start import fit_recipe_with, relative
 
 TOLS = (1e-2, 1e-3, 1e-4)
 #: The callbacks' Lanczos caps in the recipe: HessianSharpness top-2 and its ratio, SaddleEscapeMonitor.
@@ -169,12 +167,7 @@ def main() -> None:
     parser.add_argument("--max-epochs", type=int, default=15)
     args = parser.parse_args()
     cost = CurveCost(args.every, args.reference_every, args.trace_reference)
-    with tempfile.TemporaryDirectory() as root:
-        cli = AdaiCLI(args=["--config", str(RECIPE), f"--trainer.default_root_dir={root}",
-                            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-                            "--trainer.callbacks=[]", f"--trainer.max_epochs={args.max_epochs}"], run=False)
-        cli.trainer.callbacks.append(cost)
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    fit_recipe_with(cost, args.max_epochs)
     report(cost)
 
 

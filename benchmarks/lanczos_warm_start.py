@@ -27,7 +27,6 @@ import tempfile
 from pathlib import Path
 
 import lightning.pytorch as pl
-import torch
 import yaml
 
 from adai_lightning.callbacks._hessian_probe import HessianProbe
@@ -125,6 +124,16 @@ def report(rows: list[dict]) -> None:
                 print(f"products warm/cold ({run[5:]}): {medians[run] / medians[cold]:.2f}")
 
 
+def fit_recipe_with(probe: pl.Callback, max_epochs: int) -> None:
+    """Train the recipe (its model, data, Adai and schedule) for ``max_epochs`` with ``probe`` as its only callback."""
+    with tempfile.TemporaryDirectory() as root:
+        cli = AdaiCLI(args=["--config", str(RECIPE), f"--trainer.default_root_dir={root}",
+                            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
+                            "--trainer.callbacks=[]", f"--trainer.max_epochs={max_epochs}"], run=False)
+        cli.trainer.callbacks.append(probe)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tols", nargs="+", type=float, default=[1e-4])
@@ -133,13 +142,8 @@ def main() -> None:
     parser.add_argument("--reference-iters", type=int, default=100, help="iterations of the cold reference")
     parser.add_argument("--max-epochs", type=int, default=15)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as root:
-        cli = AdaiCLI(args=["--config", str(RECIPE), f"--trainer.default_root_dir={root}",
-                            "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-                            "--trainer.callbacks=[]", f"--trainer.max_epochs={args.max_epochs}"], run=False)
-        probe = WarmColdProbe(args.tols, args.guards, args.every, args.reference_iters)
-        cli.trainer.callbacks.append(probe)
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    probe = WarmColdProbe(args.tols, args.guards, args.every, args.reference_iters)
+    fit_recipe_with(probe, args.max_epochs)
     report(probe.rows)
 
 

@@ -113,7 +113,8 @@ def lanczos(matvec: MatVec, start: Vector, num_iters: int, want: Sequence[int] =
         raise ValueError(f"Invalid tol: {tol!r}; it must be a number > 0 (or None)")
     if not isinstance(guard, int) or isinstance(guard, bool) or guard < 0:
         raise ValueError(f"Invalid guard: {guard!r}; it must be an integer >= 0")
-    checked = [*want, *_guarded(want, guard)]
+    guarded = _guarded(want, guard)
+    checked = [*want, *guarded]
     num_iters = min(num_iters, numel(start))
     basis: list[Vector] = []
     alphas: list[float] = []
@@ -135,9 +136,12 @@ def lanczos(matvec: MatVec, start: Vector, num_iters: int, want: Sequence[int] =
         betas.append(beta)
         vector = scaled(product, 1.0 / beta)
     values, coefficients = torch.linalg.eigh(_tridiagonal(alphas, betas))
-    vectors, guards = ([_ritz_vector(basis, coefficients[:, index], start) for index in indices
-                        if -len(values) <= index < len(values)] for indices in (want, _guarded(want, guard)))
-    return EigenPairs(values, vectors, len(alphas), tuple(guards))
+
+    def ritz_vectors(indices: Sequence[int]) -> list[Vector]:
+        return [_ritz_vector(basis, coefficients[:, index], start) for index in indices
+                if -len(values) <= index < len(values)]
+
+    return EigenPairs(values, ritz_vectors(want), len(alphas), tuple(ritz_vectors(guarded)))
 
 
 def _ritz_vector(basis: Sequence[Vector], coefficients: Tensor, like: Vector) -> Vector:

@@ -69,7 +69,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from adai_lightning.curvature.vectors import Vector, is_sharded, numel, squared_norms
+from adai_lightning.curvature.vectors import LOW_PRECISION, Vector, is_sharded, numel, squared_norms
 
 LossFn = Callable[[Any], Tensor]
 Reduce = Callable[[Vector], Vector]
@@ -79,8 +79,6 @@ HVP_MODES = ("exact", "finite_difference", "auto")
 
 #: The finite-difference step relative to ``1 + |theta|`` is ``STEP_FACTOR u^(1/3)`` (see the error model).
 STEP_FACTOR = 0.1
-#: Dtypes in which finite differences are refused (their autocast is turned off for the two gradients).
-LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 #: Why exact products are refused under FSDP2 (said in the error, and by hvp="auto" in its warning).
@@ -130,13 +128,6 @@ def finite_difference_step(params: Sequence[Tensor], vector: Sequence[Tensor], r
     sizes = torch.tensor([float(p.numel()) for p in params], dtype=torch.float64)
     seen = float((shares * weights / sizes).sum() / (shares.square() / sizes).sum()) ** 0.5
     return rel_step * (1.0 / length + seen)
-
-
-def without_low_precision_autocast(device_type: str) -> contextlib.AbstractContextManager[Any]:
-    """A context that turns autocast off if it is on in a 16-bit dtype for ``device_type``, else does nothing."""
-    if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) in LOW_PRECISION:
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 class HessianOperator:
@@ -298,13 +289,15 @@ class HessianOperator:
 
     def _full_precision(self) -> contextlib.AbstractContextManager[Any]:
         """Autocast off for the two gradients if it is on in 16 bits (said once per operator)."""
-        context = without_low_precision_autocast(self.params[0].device.type)
-        if not isinstance(context, contextlib.nullcontext) and not self._warned_autocast:
+        device_type = self.params[0].device.type
+        if not (torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) in LOW_PRECISION):
+            return contextlib.nullcontext()
+        if not self._warned_autocast:
             self._warned_autocast = True
             warnings.warn("Hessian-vector products by finite differences run with autocast turned off: a 16-bit "
                           "step cannot resolve a product, and autocast's cache of cast weights would not see the "
                           "moved parameters", RuntimeWarning, stacklevel=4)
-        return context
+        return torch.autocast(device_type, enabled=False)
 
     def _note_saved(self, tensor: Tensor) -> Tensor:
         """A saved-tensors pack hook: notes the dtype of every tensor the forward saves for its backward."""

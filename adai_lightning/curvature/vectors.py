@@ -74,6 +74,10 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
     return float(dots([a], b)[0])
 
 
+#: 16-bit floating dtypes: norms of them are taken in float32 (here), finite differences refuse them (hvp.py).
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
 def squared_norms(a: Sequence[Tensor]) -> Tensor:
     """``|a_i|^2`` of every entry (float64, on the host), the same on every rank.
 
@@ -88,7 +92,7 @@ def squared_norms(a: Sequence[Tensor]) -> Tensor:
     result = torch.zeros(len(pieces), dtype=torch.float64)
     for (sharded_groups, _, dtype), indices in groups.items():
         chosen = [pieces[i] for i in indices]
-        low = dtype in (torch.float16, torch.bfloat16)
+        low = dtype in LOW_PRECISION
         norms = torch._foreach_norm(chosen, 2, dtype=torch.float32) if low else torch._foreach_norm(chosen)
         squares = torch.stack(norms).double().square()
         for group in sharded_groups:
